@@ -1,0 +1,191 @@
+"""Study → findings + SR: the one entry point a worker (or ``locus analyse``) calls.
+
+Stages, each timed:
+
+1. ``inventory``: classify the study's instances, choose the PET, the CT that shares
+   its Frame of Reference and covers it, and the SEGs (choices and flags recorded);
+2. ``volumes``: build the PET (and CT) volumes with geometry checks;
+3. ``suv``: QIBA vendor-neutral SUVbw, or Bq/mL with an explicit flag;
+4. ``lesions``: every SEG segment (or 26-connected component) measured in one
+   labelled pass per SEG on the PET grid, CT HU on the CT grid;
+5. ``localize`` (when a localizer is configured): anatomical site per lesion;
+6. ``report``: the TID 1500 Comprehensive 3D SR (highdicom).
+
+A study without SEG has nothing to measure: the result says so (flag ``no_seg``) and
+no SR is written, rather than an empty report. Refusals are :class:`InputError`s whose
+reason the node records and the CLI prints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydicom import Dataset
+
+from pipelines.dicom.inventory import StudyInventory, take_inventory
+from pipelines.dicom.measure import measure_lesions
+from pipelines.dicom.seg import SegObject, read_segments
+from pipelines.dicom.series import build_volume_report
+from pipelines.dicom.suv import suv_or_fallback
+from pipelines.dicom.volume import Volume
+from pipelines.findings import AnalysisResult, Flag, Lesion, Localization, ModelInfo
+from pipelines.sr.builder import AlgorithmIdentity, DeviceIdentity, build_measurement_report
+
+log = logging.getLogger(__name__)
+
+LOCUS_VERSION = "0.1.0"
+ALGORITHM_NAME = "Locus PET/CT lesion quantification"
+
+DEFAULT_DEVICE = DeviceIdentity(
+    name="Locus",
+    manufacturer="Locus project",
+    model_name="Locus PET/CT node",
+    version=LOCUS_VERSION,
+)
+
+
+class LesionLocalizer(Protocol):
+    """What the analysis needs from an anatomical localizer (see pipelines.models.localizer)."""
+
+    @property
+    def models(self) -> Sequence[ModelInfo]: ...
+
+    def localize_lesions(
+        self, *, ct: Volume | None, suv: Volume, lesions: Sequence[Lesion], segs: Sequence[SegObject]
+    ) -> list[Localization | None]: ...
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Plain arguments of one analysis (the node maps its settings onto these)."""
+
+    lesion_mode: Literal["segments", "components"] = "segments"
+    tilt: Literal["refuse", "resample"] = "resample"
+    study_version: int = 1
+    predecessor: tuple[str, str, str, str] | None = None
+    device: DeviceIdentity = DEFAULT_DEVICE
+    write_report: bool = True
+    content_datetime: datetime.datetime | None = None
+    uid_prefix: str | None = None
+    localizer: LesionLocalizer | None = None
+
+
+@dataclass
+class _Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOptions | None = None) -> AnalysisResult:
+    """Analyse the instances of one study (files, folders or datasets)."""
+    opts = options or AnalysisOptions()
+    timer = _Timer()
+    t_start = time.perf_counter()
+
+    with timer.stage("inventory"):
+        inv = take_inventory(items)
+    result = AnalysisResult(study_instance_uid=inv.study_instance_uid)
+    result.series.extend(inv.choices)
+    result.flags.extend(inv.flags)
+    for item in inv.ignored:
+        result.flags.append(Flag("instance_ignored", f"{item.source}: {item.reason} ({item.code})"))
+
+    if not inv.segs:
+        log.info("study %s: no SEG, nothing to measure", inv.study_instance_uid)
+        if not any(f.code == "no_seg" for f in result.flags):
+            result.flags.append(Flag("no_seg", "the study holds no SEG object: no lesions to measure, no report"))
+        result.timings_s = dict(timer.timings, total=round(time.perf_counter() - t_start, 4))
+        return result
+
+    with timer.stage("volumes"):
+        pet_build = build_volume_report(inv.pet_headers, tilt=opts.tilt)
+        result.flags.extend(pet_build.flags)
+        ct: Volume | None = None
+        if inv.ct is not None:
+            ct_build = build_volume_report(inv.ct_headers or [], tilt=opts.tilt)
+            result.flags.extend(ct_build.flags)
+            ct = ct_build.volume
+
+    with timer.stage("suv"):
+        conversion = suv_or_fallback(inv.pet_headers)
+        suv_volume = conversion.apply(pet_build.volume)
+        result.suv = conversion.info
+        result.flags.extend(conversion.info.flags)
+
+    with timer.stage("lesions"):
+        segs = [read_segments(_full_dataset(ds)) for ds in inv.seg_headers]
+        for seg in segs:
+            measured = measure_lesions(seg, suv_volume, ct=ct, mode=opts.lesion_mode)
+            result.lesions.extend(measured.lesions)
+            result.flags.extend(measured.flags)
+        if not result.lesions:
+            result.flags.append(Flag("no_lesions", "the SEG objects hold no non-empty segment"))
+
+    if opts.localizer is not None and result.lesions:
+        with timer.stage("localize"):
+            locs = opts.localizer.localize_lesions(ct=ct, suv=suv_volume, lesions=result.lesions, segs=segs)
+            result.lesions = [replace(les, localization=loc) for les, loc in zip(result.lesions, locs, strict=True)]
+            result.models.extend(opts.localizer.models)
+    elif result.lesions:
+        result.flags.append(Flag("location_not_assessed", "no anatomical localizer configured"))
+
+    if opts.write_report and result.lesions:
+        with timer.stage("report"):
+            evidence: list[Dataset] = [seg.dataset for seg in segs]
+            evidence.extend(inv.pet_headers)
+            evidence.extend(inv.ct_headers or [])
+            sr = build_measurement_report(
+                lesions=result.lesions,
+                suv=result.suv,
+                evidence=evidence,
+                device=opts.device,
+                algorithm=AlgorithmIdentity(
+                    name=ALGORITHM_NAME,
+                    version=LOCUS_VERSION,
+                    parameters=(f"lesions={opts.lesion_mode}", f"tilt={opts.tilt}"),
+                ),
+                models=result.models,
+                study_version=opts.study_version,
+                predecessor=opts.predecessor,
+                study_encoding=result.study_encoding,
+                flags=result.flags,
+                content_datetime=opts.content_datetime,
+                uid_prefix=opts.uid_prefix,
+            )
+            result.sr_dataset = sr
+            result.sr_sop_instance_uid = str(sr.SOPInstanceUID)
+
+    result.timings_s = dict(timer.timings, total=round(time.perf_counter() - t_start, 4))
+    log.info("study %s: %d lesions in %.2fs", inv.study_instance_uid, len(result.lesions), result.timings_s["total"])
+    return result
+
+
+def _full_dataset(ds: Dataset) -> Dataset:
+    """SEG headers were read without pixels; re-read the file for the frames."""
+    if "PixelData" in ds or "FloatPixelData" in ds:
+        return ds
+    import pydicom
+
+    filename = getattr(ds, "filename", None)
+    if not filename:
+        return ds
+    return pydicom.dcmread(str(filename))
+
+
+def inventory_only(items: Sequence[str | Path | Dataset]) -> StudyInventory:
+    """Exposed for the node's pre-flight checks and for tests."""
+    return take_inventory(items)
