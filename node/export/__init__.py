@@ -1,0 +1,1 @@
+"""Export of reports back to the PACS: C-STORE SCU (``scu``) and the retrying outbox (``outbox``)."""

@@ -1,0 +1,158 @@
+"""``locus demo``: the whole node, end to end, on embedded defaults.
+
+1. a data directory (temporary unless ``--data-dir``) with SQLite, the embedded broker
+   and the spool;
+2. a demo "PACS": a pynetdicom Storage SCP that receives the report;
+3. the node (listener, sweeper, in-process worker) on a free loopback port;
+4. the bundled synthetic PET/CT study with a SEG (``node/demo_study``, written by the
+   phantom generator: a test instrument, not anatomy), sent over a real DICOM
+   association from the PACS's AE title;
+5. wait for completion, analysis and export; print the lesion table; leave the SR and
+   the database in the data directory for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+from pydicom import dcmread
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
+from node.presentation import print_lesion_table
+from node.settings import LocusSettings
+
+PACS_AE = "DEMO_PACS"
+#: Synthetic PET/CT + SEG written by training/phantom (see its README); not patient data.
+SAMPLE_STUDY = Path(__file__).resolve().parent / "demo_study"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_demo_pacs(inbox: Path, port: int) -> tuple[object, list[Path]]:
+    """A minimal Storage SCP standing in for the hospital PACS: it files what it receives."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    received: list[Path] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        path = inbox / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        received.append(path)
+        return 0x0000
+
+    ae = AE(ae_title=PACS_AE)
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return server, received
+
+
+def send_study(paths: list[Path], port: int, called_ae: str, console: Console) -> int:
+    """C-STORE every file over one association, with a progress bar; returns failures."""
+    ae = AE(ae_title=PACS_AE)
+    for cx in AllStoragePresentationContexts[:120]:
+        ae.add_requested_context(cx.abstract_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, max_pdu=0)
+    if not assoc.is_established:
+        raise click.ClickException(f"association with the node on port {port} failed")
+    failures = 0
+    with Progress(TextColumn("sending"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("send", total=len(paths))
+        for p in paths:
+            status = assoc.send_c_store(dcmread(p))
+            if not status or status.Status != 0x0000:
+                failures += 1
+            bar.advance(task)
+    assoc.release()
+    return failures
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to keep the database, spool and reports (default: a new temporary directory).")
+@click.option("--study", "study_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Send this folder of one study's instances instead of the bundled synthetic study.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored result as JSON.")
+def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json: bool) -> None:
+    """Run the node end to end on a synthetic PET/CT study and print the lesions."""
+    from node.db import repo
+    from node.service import start_node
+
+    console = Console(stderr=True)
+    data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="locus-demo-"))).absolute()
+    node_port, pacs_port = _free_port(), _free_port()
+    settings = LocusSettings.load(None, **{
+        "storage": {"data_dir": str(data_dir)},
+        "dicom": {"host": "127.0.0.1", "port": node_port,
+                  "allowed_callers": [{"ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs_port}]},
+        "completion": {"series_quiet_s": 2.0, "study_quiet_s": 10.0, "sweep_interval_s": 0.5},
+        "export": {"destinations": [{"name": "demo-pacs", "ae_title": PACS_AE, "host": "127.0.0.1",
+                                     "port": pacs_port}], "backoff_base_s": 1.0},
+    })
+    console.print(f"data directory: {data_dir}")
+    pacs, received = start_demo_pacs(data_dir / "demo-pacs-inbox", pacs_port)
+    node = start_node(settings)
+    try:
+        files = sorted(p for p in (study_dir or SAMPLE_STUDY).rglob("*.dcm"))
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        failures = send_study(files, node_port, settings.dicom.ae_title, console)
+        console.print(f"sent {len(files)} instances to {settings.dicom.ae_title}@127.0.0.1:{node_port}"
+                      + (f" ({failures} failed)" if failures else ""))
+        detail = _wait_for_report(node.ctx, study_uid, received, timeout, console)
+    finally:
+        node.stop()
+        pacs.shutdown()  # type: ignore[attr-defined]
+    if detail is None:
+        raise click.ClickException(f"no report within {timeout:.0f} s; see `locus results show {study_uid}` "
+                                   f"with LOCUS_DATA_DIR={data_dir}")
+    result = detail["result"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        print_lesion_table(result, Console())
+    with node.ctx.db.session() as s:
+        reports = repo.reports_for_study(s, study_uid)
+    for r in reports:
+        console.print(f"SR {r.sr_sop_uid}: {settings.storage.reports_dir / r.path}")
+    for p in received:
+        console.print(f"received by the demo PACS: {p}")
+    console.print(f"database: {settings.database.url}\ninspect with: LOCUS_DATA_DIR={data_dir} locus results show "
+                  f"{study_uid}")
+
+
+def _wait_for_report(ctx: object, study_uid: str, received: list[Path], timeout: float,
+                     console: Console) -> dict | None:  # type: ignore[type-arg]
+    from node.db import repo
+
+    deadline = time.monotonic() + timeout
+    with console.status("waiting for completion, analysis and export") as status:
+        while time.monotonic() < deadline:
+            with ctx.db.session() as s:  # type: ignore[attr-defined]
+                detail = repo.study_detail(s, study_uid)
+            state = (detail or {}).get("status", "receiving")
+            status.update(f"study {state}")
+            analyses = [v for v in (detail or {}).get("versions", []) if v.get("analysis")]
+            failed = [v for v in analyses if v["analysis"].get("status") == "failed"]
+            if failed:
+                a = failed[-1]["analysis"]
+                raise click.ClickException(f"analysis failed ({a.get('reason_code')}): {a.get('reason')}")
+            done = [v for v in analyses if v["analysis"].get("status") == "succeeded"]
+            if done and received:
+                return {"result": done[-1]["analysis"].get("result"), "detail": detail}
+            threading.Event().wait(0.5)
+    return None

@@ -1,0 +1,179 @@
+"""Engine, sessions and migrations for the results database (SQLite or PostgreSQL).
+
+``Database`` is created once per process (never per request: pynetdicom's qrscp is the
+counter-example) and hands out short sessions.  On SQLite it switches on WAL (readers
+never block the writer), a busy timeout (writers queue instead of failing), foreign keys,
+and takes the write lock at ``BEGIN`` (``BEGIN IMMEDIATE``): a deferred transaction that
+reads and then writes can fail with SQLITE_BUSY *without* waiting when another writer
+committed in between, which the listener threads, the sweeper and the workers would hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, MetaData, create_engine, event
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
+
+_UPGRADE_LOCK = threading.Lock()
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Deterministic constraint names, identical on both backends, so migrations can name
+# what they alter and autogenerate comparisons stay clean.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSON documents; JSONB on PostgreSQL so findings can be queried and indexed there.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends.
+
+    SQLite has no time zone type and returns naive values; PostgreSQL returns
+    ``timestamptz`` in the session zone.  Both come back as aware UTC here, and naive
+    values are refused on the way in (they are always a bug in a multi-process node).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass timezone-aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Database:
+    """One engine plus session factories for a database URL.
+
+    ``session()`` is the unit of work: commit on success, rollback on any exception.
+    ``session(readonly=True)`` (SQLite only matters) begins a deferred transaction so
+    queries from the CLI do not take the write lock.
+    """
+
+    def __init__(self, url: str | URL, *, echo: bool = False, sqlite_busy_timeout_ms: int = 30_000) -> None:
+        self.url: URL = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.is_sqlite:
+            db_path = self.url.database
+            if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
+                Path(db_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # Threads share the engine; each pooled connection is used by one thread at a time.
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": sqlite_busy_timeout_ms / 1000}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            _install_sqlite_hooks(self.engine, sqlite_busy_timeout_ms)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readonly_sessions = sessionmaker(
+            self.engine.execution_options(locus_readonly=True), expire_on_commit=False
+        )
+
+    def __repr__(self) -> str:
+        return f"Database({self.url.render_as_string(hide_password=True)!r})"
+
+    @contextmanager
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """A session whose transaction commits when the block ends normally."""
+        factory = self._readonly_sessions if readonly else self._sessions
+        with factory() as session:
+            try:
+                yield session
+                if readonly:
+                    session.rollback()
+                else:
+                    session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply Alembic migrations up to ``revision`` (idempotent; safe when run concurrently)."""
+        from alembic import command
+
+        # Alembic keeps its migration context in module globals: one upgrade per process
+        # at a time.  Across processes the database serialises them (see env.py).
+        with _UPGRADE_LOCK, self.engine.connect() as connection:
+            cfg = alembic_config(connection)
+            command.upgrade(cfg, revision)
+            connection.commit()
+
+    def current_revision(self) -> str | None:
+        """The Alembic revision the database is at (None for an empty database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """An Alembic ``Config`` built in code, so migrations run from an installed package.
+
+    The migration scripts ship as package data beside this module; no ``alembic.ini`` is
+    needed.  With ``connection`` given, env.py migrates on that connection (and engine
+    hooks such as SQLite's pragmas apply).
+    """
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("version_locations", str(MIGRATIONS_DIR / "versions"))
+    cfg.set_main_option("path_separator", "os")
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (see the begin hook below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        readonly = conn.get_execution_options().get("locus_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")

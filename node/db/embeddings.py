@@ -1,0 +1,52 @@
+"""Queries over ``study_embeddings`` for similar-study search (portable SQL: SQLite and PostgreSQL).
+
+Vectors are stored by :func:`node.db.repo.store_embedding` as float32 little-endian bytes;
+these functions return the raw bytes so the caller can build one numpy matrix without a
+Python float per value.  "A study's embedding" is the one of its latest version that has an
+embedding from the given model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.models import Study, StudyEmbedding, StudyVersion
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    study_uid: str
+    version: int
+    model_id: str
+    dim: int
+    preprocessing_version: str
+    vector: bytes  # float32 little-endian
+
+
+def _rows(session: Session, *conditions: object) -> list[StoredVector]:
+    stmt = (
+        select(Study.study_uid, StudyVersion.version, StudyEmbedding.model_id, StudyEmbedding.dim,
+               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)  # fmt: skip
+        .join(StudyVersion, StudyVersion.id == StudyEmbedding.study_version_id)
+        .join(Study, Study.id == StudyVersion.study_id)
+        .where(*conditions)  # type: ignore[arg-type]
+    )
+    latest: dict[tuple[str, str], StoredVector] = {}
+    for uid, version, model_id, dim, prep, vec in session.execute(stmt):
+        key = (uid, model_id)
+        if key not in latest or version > latest[key].version:
+            latest[key] = StoredVector(uid, int(version), model_id, int(dim), prep, bytes(vec))
+    return sorted(latest.values(), key=lambda r: (r.study_uid, r.model_id))
+
+
+def study_vectors(session: Session, study_uid: str) -> list[StoredVector]:
+    """The latest embedding of ``study_uid`` per model (one row per model_id)."""
+    return _rows(session, Study.study_uid == study_uid)
+
+
+def model_vectors(session: Session, model_id: str) -> list[StoredVector]:
+    """The latest embedding of every study from ``model_id``."""
+    return _rows(session, StudyEmbedding.model_id == model_id)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the results database (shipped as package data; see node.db.base.alembic_config)."""

@@ -1,0 +1,106 @@
+"""Every read and write of the results database, as functions taking a ``Session`` first.
+
+This module is the one import the rest of the node uses (``from node.db import repo``);
+the functions live in small modules by concern:
+
+- :mod:`node.db.ingest` — received instances and rejections (the listener);
+- :mod:`node.db.versions` — completion snapshots and exactly-once study versions;
+- :mod:`node.db.analyses` — claim / store / fail analyses, reports, embeddings (workers);
+- :mod:`node.db.exports` — the export outbox with leases and bounded retries;
+- :mod:`node.db.queries` — read models for the CLI.
+
+Callers own the transaction (``with database.session() as s: ...``): each function
+changes state *and* writes the audit event describing the change in that same
+transaction, so both commit or neither does (style.md §3.14).  Functions never commit.
+
+Concurrency: the listener records instances from several association threads, the
+completion sweep may run in more than one process, and Celery may deliver a task twice.
+Inserts that can race use ``INSERT … ON CONFLICT DO NOTHING`` on the natural key; state
+transitions are conditional ``UPDATE … WHERE state = …`` whose row count says who won.
+On SQLite every write transaction is serialised anyway (``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+from node.db._common import SEG_SOP_CLASSES
+from node.db.analyses import (
+    ReportRow,
+    StoredAnalysis,
+    VersionInstance,
+    claim_analysis,
+    fail_analysis,
+    instances_for_version,
+    load_embedding,
+    previous_report,
+    reports_for_study,
+    requeue_failed,
+    store_analysis_result,
+    store_embedding,
+)
+from node.db.exports import (
+    ExportRow,
+    create_export,
+    due_exports,
+    record_export_attempt,
+    retry_failed_exports,
+)
+from node.db.ingest import InstanceRecord, RecordOutcome, record_instance, record_rejection, study_calling_aes
+from node.db.queries import LesionRow, StudySummary, audit_events, list_lesions, list_studies, study_detail
+from node.db.versions import (
+    SegReferences,
+    SeriesState,
+    StudySnapshot,
+    VersionInfo,
+    complete_study,
+    create_study_version,
+    get_version,
+    lock_study,
+    mark_queued,
+    pending_study_ids,
+    study_snapshot,
+    versions_to_enqueue,
+)
+
+__all__ = [
+    "SEG_SOP_CLASSES",
+    "ExportRow",
+    "InstanceRecord",
+    "LesionRow",
+    "RecordOutcome",
+    "ReportRow",
+    "SegReferences",
+    "SeriesState",
+    "StoredAnalysis",
+    "StudySnapshot",
+    "StudySummary",
+    "VersionInfo",
+    "VersionInstance",
+    "audit_events",
+    "claim_analysis",
+    "complete_study",
+    "create_export",
+    "create_study_version",
+    "due_exports",
+    "fail_analysis",
+    "get_version",
+    "instances_for_version",
+    "list_lesions",
+    "list_studies",
+    "load_embedding",
+    "lock_study",
+    "mark_queued",
+    "pending_study_ids",
+    "previous_report",
+    "record_export_attempt",
+    "record_instance",
+    "record_rejection",
+    "reports_for_study",
+    "requeue_failed",
+    "retry_failed_exports",
+    "store_analysis_result",
+    "store_embedding",
+    "study_calling_aes",
+    "study_detail",
+    "study_snapshot",
+    "versions_to_enqueue",
+]

@@ -1,0 +1,171 @@
+"""What the Celery tasks do: analyse one study version; send one export.
+
+Both jobs are idempotent and keyed by database rows, so a redelivered message (late
+acknowledgement after a killed worker) finishes the work once:
+
+* :func:`run_analysis` claims the study version (a version already analysed is
+  skipped), runs :func:`pipelines.analysis.analyse_study` on the spooled instances,
+  writes the SR atomically under the reports directory (its UIDs are deterministic, so a
+  re-run writes the identical object), stores findings + lesions + report and the
+  exports due in one transaction, then rings the export queue.
+* :func:`run_export` sends one SR to one destination through the outbox, which records
+  every attempt; a failed attempt schedules the next one with exponential backoff until
+  the configured bound, then the export ends ``failed`` with the peer's status.
+
+Every failure ends in a recorded state with a reason (``analyses.reason_code``), never a
+silent drop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom.uid import UID
+
+from node.db import repo
+from node.logging import log_context
+from pipelines.analysis import AnalysisOptions, analyse_study
+from pipelines.errors import LocusError, TransientError
+
+if TYPE_CHECKING:
+    from node.tasks.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the target directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _dataset_bytes(ds: object) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+def export_destinations(ctx: WorkerContext) -> list[str]:
+    """Destination names a new report is queued for (configured ones + return to sender)."""
+    from node.export.outbox import destinations_for_report
+
+    return destinations_for_report(ctx.settings)
+
+
+def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
+    """Analyse one study version; returns the final state ('analysed', 'failed', 'skipped')."""
+    now = utcnow()
+    with ctx.db.session() as s:
+        if not repo.claim_analysis(s, study_version_id, now):
+            log.info("study version %s already handled; nothing to do", study_version_id)
+            return "skipped"
+        version = repo.get_version(s, study_version_id)
+        instances = repo.instances_for_version(s, study_version_id)
+        previous = repo.previous_report(s, version.study_uid, version.version)
+
+    with log_context(study_uid=version.study_uid, version=version.version):
+        predecessor = None
+        if previous is not None:
+            predecessor = (COMPREHENSIVE_3D_SR, previous.sr_sop_uid, previous.series_uid, version.study_uid)
+        options = AnalysisOptions(
+            lesion_mode=ctx.settings.analysis.lesion_mode,
+            study_version=version.version,
+            predecessor=predecessor,
+            # Pinned to the version's completion time so a re-run re-creates the same bytes.
+            content_datetime=version.ready_at.replace(tzinfo=None),
+            localizer=_localizer(ctx),
+        )
+        paths = [ctx.spool.path(i.path) for i in instances]
+        try:
+            result = analyse_study(paths, options)
+        except TransientError:
+            raise
+        except LocusError as exc:
+            log.warning("analysis refused (%s): %s", exc.code, exc.reason)
+            with ctx.db.session() as s:
+                repo.fail_analysis(s, study_version_id, exc.code, exc.reason, utcnow())
+            return "failed"
+        except Exception as exc:  # a defect of ours: recorded, not retried forever
+            log.exception("analysis crashed")
+            with ctx.db.session() as s:
+                repo.fail_analysis(s, study_version_id, "internal_error", f"{type(exc).__name__}: {exc}", utcnow())
+            return "failed"
+
+        report = None
+        if result.sr_dataset is not None:
+            sr = result.sr_dataset
+            rel = f"{version.study_uid}/{sr.SOPInstanceUID}.dcm"
+            write_atomic(ctx.settings.storage.reports_dir / rel, _dataset_bytes(sr))
+            report = {
+                "sr_sop_uid": str(sr.SOPInstanceUID),
+                "series_uid": str(sr.SeriesInstanceUID),
+                "path": rel,
+                "predecessor": previous.sr_sop_uid if previous is not None else None,
+            }
+        payload = result.to_json()
+        export_ids: list[int] = []
+        with ctx.db.session() as s:
+            stored = repo.store_analysis_result(
+                s, study_version_id, payload, payload["lesions"], report, utcnow(), timings=result.timings_s
+            )
+            if stored.report_id is not None:
+                for dest in export_destinations(ctx):
+                    export_ids.append(repo.create_export(s, stored.report_id, dest, now=utcnow()))
+        log.info("analysed: %d lesions, report %s, %d exports", len(result.lesions),
+                 report["sr_sop_uid"] if report else None, len(export_ids))
+        _ring_exports(export_ids)
+        return "analysed"
+
+
+def _ring_exports(export_ids: list[int]) -> None:
+    """Ask the io queue for an outbox pass now (the sweeper rings it periodically too)."""
+    if export_ids:
+        from node.tasks.tasks import export_pass
+
+        export_pass.apply_async()
+
+
+def _localizer(ctx: WorkerContext) -> object | None:
+    """The configured anatomical localizer, loaded once per process (None if not configured)."""
+    from node.models import load_localizer
+
+    return load_localizer(ctx)
+
+
+def run_export_pass(ctx: WorkerContext) -> tuple[int, float | None]:
+    """Send every due export once; returns (exports tried, seconds until the next retry is due)."""
+    from node.export.outbox import process_due_exports_from_settings
+
+    outcomes = process_due_exports_from_settings(ctx.settings, ctx.db)
+    retry_times = [o.next_attempt_at for o in outcomes if o.next_attempt_at is not None]
+    wait = None
+    if retry_times:
+        wait = max(0.0, (min(retry_times) - utcnow()).total_seconds())
+    return len(outcomes), wait

@@ -1,0 +1,99 @@
+"""Logging for the node: configured only at entry points, UIDs in context, never PHI.
+
+Every record gets the study/series/job identifiers of the work in progress from
+``contextvars`` (set with :func:`log_context`), so a line can be traced to a study
+without ever printing a patient's name or ID. :class:`PhiGuard` drops the values of
+known PHI attributes if one is ever passed as a log argument by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import logging.config
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("locus_log_context", default={})
+
+# Keywords whose values must never reach a log line (PS3.15 Annex E basic profile subset).
+PHI_KEYWORDS = frozenset(
+    {"PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress", "AccessionNumber",
+     "ReferringPhysicianName", "InstitutionName", "PatientTelephoneNumbers"}
+)
+
+
+@contextlib.contextmanager
+def log_context(**ids: str | int | None) -> Iterator[None]:
+    """Attach identifiers (study_uid, series_uid, sop_uid, version, task_id ...) to log records."""
+    merged = dict(_context.get())
+    merged.update({k: str(v) for k, v in ids.items() if v is not None})
+    token = _context.set(merged)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.locus_context = dict(_context.get())
+        return True
+
+
+class PhiGuard(logging.Filter):
+    """Redact arguments that look like PHI attributes (a pydicom DataElement of a PHI keyword)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(a) for a in record.args)
+        return True
+
+    @staticmethod
+    def _redact(arg: Any) -> Any:
+        keyword = getattr(arg, "keyword", None)
+        if keyword in PHI_KEYWORDS:
+            return f"<{keyword} redacted>"
+        return arg
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "locus_context", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        ctx = getattr(record, "locus_context", {})
+        if ctx:
+            base += " [" + " ".join(f"{k}={v}" for k, v in ctx.items()) + "]"
+        return base
+
+
+def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    """Set up root logging once, from an entry point (CLI command or worker)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.addFilter(PhiGuard())
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # pynetdicom is chatty at INFO (one line per PDU); keep its warnings.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

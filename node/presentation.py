@@ -1,0 +1,39 @@
+"""Tables for people (rich); scripts use ``--json`` instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_lesion_table(result: dict[str, Any], console: Console | None = None) -> None:
+    """Print the lesions of an ``AnalysisResult.to_json()`` plus its flags."""
+    console = console or Console()
+    suv = result.get("suv") or {}
+    unit = suv.get("unit") or "SUV"
+    table = Table(title=f"Study {result.get('study_instance_uid')}: {len(result.get('lesions') or [])} lesion(s)")
+    for col in ("lesion", "segment", "label", f"SUVmax [{unit}]", "SUVmean", "SUVpeak", "MTV [ml]", "TLG",
+                "CT HU", "site"):
+        table.add_column(col)
+    for les in result.get("lesions") or []:
+        m = les["measurements"]
+        loc = les.get("localization") or {}
+        site = (loc.get("site") or {}).get("name") or loc.get("final_label") or "-"
+        table.add_row(
+            les["lesion_id"], str(les["segment_number"]), les.get("segment_label") or "",
+            _fmt(m.get("suv_max")), _fmt(m.get("suv_mean")), _fmt(m.get("suv_peak")), _fmt(m.get("volume_ml")),
+            _fmt(m.get("tlg")), _fmt(m.get("ct_mean_hu"), 1), site,
+        )
+    console.print(table)
+    for flag in result.get("flags") or []:
+        console.print(f"[yellow]{flag['code']}[/yellow]: {flag['message']}")

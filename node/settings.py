@@ -1,0 +1,386 @@
+"""The node's one typed settings object, built once at the entrypoint.
+
+``LocusSettings`` is read from, in decreasing priority: keyword arguments, environment
+variables (prefix ``LOCUS_``, nested sections joined with ``__``, e.g.
+``LOCUS_DICOM__PORT=11112``; lists as JSON), an optional TOML file (``LOCUS_CONFIG`` or
+the ``config`` argument of :meth:`LocusSettings.load`), and the defaults below.
+
+Every embedded default lives under one data directory (``LOCUS_DATA_DIR``, default
+``./locus-data``): the spool, the SQLite results database and the SQLite broker, so a
+single-box install needs no other service.  Production swaps in PostgreSQL and Redis by
+URL.  Everything is documented in ``deploy/config/locus.example.env`` and
+``deploy/config/locus.example.toml``.
+
+Library code never sees this object: the node passes plain values on (style.md §3.7).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "AllowedCaller",
+    "AnalysisSettings",
+    "BrokerSettings",
+    "CompletionSettings",
+    "ConfigFileError",
+    "DatabaseSettings",
+    "DicomSettings",
+    "ExportDestination",
+    "ExportSettings",
+    "LocusSettings",
+    "ModelsSettings",
+    "StorageSettings",
+]
+
+DEFAULT_DATA_DIR = Path("locus-data")
+
+# PS3.5 §6.2: an AE title is a VR "AE" value, 1-16 characters of the default character
+# repertoire without backslash or control characters; leading/trailing spaces are not
+# significant and a title of only spaces is not allowed.
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+_config_path: ContextVar[Path | None] = ContextVar("locus_config_path", default=None)
+
+
+class ConfigFileError(ValueError):
+    """The configuration file named by ``LOCUS_CONFIG`` or ``--config`` cannot be used."""
+
+
+def _ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no backslash (PS3.5 §6.2)")
+    return stripped
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos in a config file: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedCaller(_Section):
+    """A peer allowed to open associations (calling AE title, optionally pinned to a host)."""
+
+    ae_title: str
+    host: str | None = None  # IP address or host name the association must come from; None = any host
+    port: int | None = Field(default=None, ge=1, le=65535)  # its own SCP port, used by return-to-sender
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+
+class DicomSettings(_Section):
+    """The C-STORE SCP (listener).  Timeouts in seconds, as pynetdicom's AE attributes."""
+
+    ae_title: str = "LOCUS"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    # Empty list = accept any calling AE (convenient for a demo on one box).  Production
+    # configurations list every sender: an unknown caller is then rejected (permanent).
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    require_called_ae_title: bool = True  # reject associations addressed to another AE title
+    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (dicom-guide.md §7.1)
+    max_associations: int = Field(default=8, ge=1)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    # Offer the JPEG / JPEG-LS / JPEG 2000 / RLE transfer syntaxes as well as the
+    # uncompressed ones; data is stored as received (mercure #25: senders that only
+    # offer compressed syntaxes).
+    accept_compressed: bool = True
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+    def caller_allowed(self, ae_title: str, host: str | None) -> bool:
+        """Whether an association from ``ae_title`` at ``host`` may be accepted."""
+        if not self.allowed_callers:
+            return True
+        title = ae_title.strip()
+        return any(c.ae_title == title and (c.host is None or c.host == host) for c in self.allowed_callers)
+
+
+class StorageSettings(_Section):
+    """Where received and produced files live, and when to stop accepting data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    spool_dir: Path = None  # type: ignore[assignment]  # default <data_dir>/spool; relative = under data_dir
+    reports_dir: Path = None  # type: ignore[assignment]  # default <data_dir>/reports; relative = under data_dir
+    # Refuse new associations when the spool filesystem is fuller than this (MIG refuses
+    # above 75 %, mercure cleans at 90 %; peers.md F7) or has less than min_free_bytes.
+    disk_watermark_percent: float = Field(default=90.0, gt=0, le=100)
+    min_free_bytes: int = Field(default=2 * 1024**3, ge=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, v: Path) -> Path:
+        # Absolute, so the listener, the workers and the CLI agree whatever their cwd.
+        return v.expanduser().absolute()
+
+    @field_validator("spool_dir", "reports_dir", mode="before")
+    @classmethod
+    def _under_data_dir(cls, v: Any, info: Any) -> Path:
+        data_dir: Path = info.data.get("data_dir", DEFAULT_DATA_DIR.absolute())
+        if v is None or v == "":
+            return data_dir / ("spool" if info.field_name == "spool_dir" else "reports")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else data_dir / p
+
+    def disk_ok(self, total_bytes: int, free_bytes: int) -> bool:
+        """Whether a filesystem with these sizes is below both limits."""
+        if total_bytes <= 0:
+            return False
+        used_percent = 100.0 * (total_bytes - free_bytes) / total_bytes
+        return used_percent < self.disk_watermark_percent and free_bytes >= self.min_free_bytes
+
+
+class DatabaseSettings(_Section):
+    """The results database (SQLAlchemy URL)."""
+
+    url: str  # default sqlite:///<data_dir>/locus.db, filled in by LocusSettings
+    # Run Alembic "upgrade head" when a process opens the database.  None = only for
+    # SQLite (the embedded default); a shared PostgreSQL is upgraded by `locus db upgrade`.
+    auto_upgrade: bool | None = None
+    echo: bool = False  # log SQL statements (debugging only: statements carry UIDs)
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @property
+    def should_auto_upgrade(self) -> bool:
+        return self.is_sqlite if self.auto_upgrade is None else self.auto_upgrade
+
+
+class BrokerSettings(_Section):
+    """The Celery broker.  Default: kombu's SQLAlchemy transport on SQLite (no service)."""
+
+    url: str  # default sqla+sqlite:///<data_dir>/broker.db, filled in by LocusSettings
+    # Celery result backend URL (e.g. "db+sqlite:///…", "redis://…"); None = no result
+    # backend: tasks persist their outcome in the results database themselves.
+    result_backend: str | None = None
+
+
+class CompletionSettings(_Section):
+    """When a study counts as complete (see :mod:`node.completion`).  All in seconds."""
+
+    series_quiet_s: float = Field(default=5.0, ge=0)
+    study_quiet_s: float = Field(default=60.0, ge=0)
+    force_complete_s: float = Field(default=3600.0, gt=0)
+    sweep_interval_s: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CompletionSettings:
+        if self.study_quiet_s < self.series_quiet_s:
+            raise ValueError("completion.study_quiet_s must be >= completion.series_quiet_s")
+        if self.force_complete_s < self.study_quiet_s:
+            raise ValueError("completion.force_complete_s must be >= completion.study_quiet_s")
+        return self
+
+
+class ExportDestination(_Section):
+    """A DICOM peer that receives the reports (C-STORE SCP)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+
+class ExportSettings(_Section):
+    """Where reports go and how failed sends are retried (bounded; peers.md F5/F6)."""
+
+    destinations: list[ExportDestination] = Field(default_factory=list)
+    # Also send each report back to the AE that sent the study, at the port listed for
+    # that caller in dicom.allowed_callers (or a destination with the same AE title).
+    return_to_sender: bool = False
+    calling_ae_title: str = "LOCUS"  # our AE title when we are the SCU
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_base_s: float = Field(default=30.0, gt=0)
+    backoff_cap_s: float = Field(default=900.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)  # association and DIMSE timeout per send
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ExportSettings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"export.destinations names must be unique, got {names}")
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise ValueError("export.backoff_cap_s must be >= export.backoff_base_s")
+        return self
+
+    def destination(self, name: str) -> ExportDestination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(f"no export destination named {name!r}")
+
+    def retry_delay_s(self, attempts_done: int) -> float:
+        """Exponential backoff after ``attempts_done`` failed attempts (1 → base)."""
+        return float(min(self.backoff_cap_s, self.backoff_base_s * 2 ** max(0, attempts_done - 1)))
+
+    def next_attempt_at(self, attempts_done: int, now: datetime) -> datetime | None:
+        """When to try again after ``attempts_done`` failures; None once the budget is spent."""
+        if attempts_done >= self.max_attempts:
+            return None
+        return now + timedelta(seconds=self.retry_delay_s(attempts_done))
+
+
+class ModelsSettings(_Section):
+    """Model checkpoints.  None = that stage is skipped and the result says so."""
+
+    dir: Path | None = None  # base directory for relative checkpoint paths
+    localizer_id: str | None = None  # registry model_id of the HCL-AL-compatible localizer
+    localizer_checkpoint: Path | None = None
+    study_encoder_id: str | None = None  # registry model_id of the HLIP-compatible encoder
+    study_encoder_checkpoint: Path | None = None
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def resolve(self, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = path.expanduser()
+        return path if path.is_absolute() or self.dir is None else self.dir.expanduser() / path
+
+
+class AnalysisSettings(_Section):
+    """How lesions are defined from a SEG."""
+
+    # "segments": one lesion per SEG segment; "components": each segment split into
+    # connected components (autoPET-style single "tumor" segment; dicom-guide.md §4).
+    lesion_mode: Literal["segments", "components"] = "segments"
+
+
+class LocusSettings(BaseSettings):
+    """Everything the node needs, from env vars, an optional TOML file and defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOCUS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings
+    broker: BrokerSettings
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides: Any) -> LocusSettings:
+        """Build the settings, reading ``config`` (or ``$LOCUS_CONFIG``) as TOML if given.
+
+        Raises :class:`ConfigFileError` when the named file does not exist or is not
+        valid TOML, and pydantic's ``ValidationError`` for bad values.
+        """
+        token = _config_path.set(Path(config) if config is not None else None)
+        try:
+            return cls(**overrides)
+        finally:
+            _config_path.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _DataDirEnvSource(settings_cls)]
+        path = _config_path.get()
+        if path is None and os.environ.get("LOCUS_CONFIG"):
+            path = Path(os.environ["LOCUS_CONFIG"])
+        if path is not None:
+            sources.append(_checked_toml_source(settings_cls, path))
+        return tuple(sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_defaults(cls, data: Any) -> Any:
+        """Fill the database and broker URLs that default to files under data_dir."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        storage = data.get("storage")
+        if isinstance(storage, StorageSettings):
+            data_dir = storage.data_dir
+        else:
+            raw = (storage or {}).get("data_dir") or DEFAULT_DATA_DIR
+            data_dir = Path(raw).expanduser().absolute()
+        for section, key, default in (
+            ("database", "url", f"sqlite:///{data_dir / 'locus.db'}"),
+            ("broker", "url", f"sqla+sqlite:///{data_dir / 'broker.db'}"),
+        ):
+            value = data.get(section)
+            if value is None:
+                data[section] = {key: default}
+            elif isinstance(value, dict) and not value.get(key):
+                data[section] = {**value, key: default}
+        return data
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage.data_dir
+
+
+class _DataDirEnvSource(PydanticBaseSettingsSource):
+    """``LOCUS_DATA_DIR`` as a short alias of ``LOCUS_STORAGE__DATA_DIR``.
+
+    Ranked after the environment proper, so the explicit nested variable wins, and
+    before the TOML file, so an environment variable beats the file as everywhere else.
+    """
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        value = os.environ.get("LOCUS_DATA_DIR")
+        return {"storage": {"data_dir": value}} if value else {}
+
+
+def _checked_toml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigFileError(f"configuration file {path} does not exist")
+    try:
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigFileError(f"configuration file {path} is not valid TOML: {exc}") from exc

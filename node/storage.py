@@ -1,0 +1,355 @@
+"""The spool: where received DICOM files live until (and after) a worker reads them.
+
+Everything that touches spool files goes through the small :class:`Spool` interface so
+the listener (writer) and the workers (readers) agree on one layout and one durability
+rule, and so another backend can be swapped in later without touching either side.
+
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. The three
+UIDs are validated (PS3.5 §9.1 character repertoire, at most 64 characters) *before* they
+are used in a path, so a hostile or broken sender cannot write outside the spool (the
+qrscp counter-example in style.md §2).
+
+Durability (the listener answers Success only after this returns): the bytes go to a
+temporary file in the target directory (same filesystem), which is flushed and
+``fsync``-ed, then moved into place with an atomic no-clobber link (or ``os.replace``
+where the filesystem has no hard links), and the directory itself is ``fsync``-ed so the
+new name survives a power cut. A reader therefore never sees a half-written file, and a
+crash leaves at most a ``*.part`` file, which :meth:`LocalSpool.sweep_partials` removes.
+
+:class:`LocalSpool` also serves a shared filesystem (NFS, CIFS, a bind-mounted volume):
+the listener and the workers only need to mount the same root. ``os.replace`` and
+``link`` are atomic within one directory on POSIX filesystems and on NFSv3/v4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
+
+from pipelines.errors import InputError
+
+if TYPE_CHECKING:
+    from node.settings import StorageSettings
+
+LOGGER = logging.getLogger(__name__)
+
+#: PS3.5 §9.1: components of digits separated by single periods. Leading zeros are
+#: tolerated (real devices emit them); anything else (empty, spaces, '/', '..') is not.
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+
+_SUFFIX = ".dcm"
+_PARTIAL_SUFFIX = ".part"
+_COPY_CHUNK = 1 << 20
+
+
+class InvalidUidError(InputError):
+    """A UID that may not be used as a spool path component."""
+
+    code = "invalid_uid"
+
+
+class SpoolFullError(OSError):
+    """The spool is above its free-space watermark; nothing was written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.ENOSPC, reason)
+        self.reason = reason
+
+
+def is_valid_uid(value: object) -> bool:
+    """True if ``value`` is a syntactically valid UID (PS3.5 §9.1), ≤ 64 characters."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= UID_MAX_LENGTH
+        and UID_PATTERN.fullmatch(value) is not None
+    )
+
+
+def validate_uid(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid UID, else raise :class:`InvalidUidError`.
+
+    ``what`` names the attribute (e.g. ``"SOPInstanceUID"``) for the error reason.
+    """
+    if not is_valid_uid(value):
+        shown = repr(value)[:80]
+        raise InvalidUidError(
+            f"{what} {shown} is not a valid DICOM UID (digits and periods, at most "
+            f"{UID_MAX_LENGTH} characters, PS3.5 §9.1)",
+        )
+    return str(value)
+
+
+def relpath_for(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The spool-relative path of an instance (validates all three UIDs first)."""
+    study = validate_uid(study_uid, "StudyInstanceUID")
+    series = validate_uid(series_uid, "SeriesInstanceUID")
+    sop = validate_uid(sop_uid, "SOPInstanceUID")
+    return f"{study}/{series}/{sop}{_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Free-space floor for the spool filesystem (peers.md F7: disk full).
+
+    A write is refused when, after it, fewer than ``min_free_bytes`` would be free or
+    the free fraction would fall below ``min_free_fraction``. Both 0 disables the check.
+    """
+
+    min_free_bytes: int = 0
+    min_free_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0:
+            raise ValueError("min_free_bytes must be >= 0")
+        if not 0.0 <= self.min_free_fraction < 1.0:
+            raise ValueError("min_free_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SpaceReport:
+    """Free space of the spool filesystem and whether a write of ``incoming`` bytes fits."""
+
+    free_bytes: int
+    total_bytes: int
+    incoming_bytes: int
+    ok: bool
+    reason: str
+
+
+@runtime_checkable
+class Spool(Protocol):
+    """What the listener and the workers need from spool storage."""
+
+    def put_atomic(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | os.PathLike[str] | str
+    ) -> str:
+        """Store one instance durably; return its spool-relative path.
+
+        ``data`` is the encoded file (bytes) or the path of a finished temporary file,
+        which is moved (same filesystem) or copied. If the instance is already stored,
+        the existing copy is kept and its path returned.
+        """
+        ...
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def open(self, relpath: str) -> BinaryIO: ...
+
+    def path(self, relpath: str) -> Path: ...
+
+    def space(self, incoming_bytes: int = 0) -> SpaceReport: ...
+
+    def free_space_ok(self, incoming_bytes: int = 0) -> bool: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory entry change durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network filesystems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+class LocalSpool:
+    """A spool on a local or shared (network-mounted) POSIX filesystem.
+
+    Parameters are plain values so the listener, the workers and the tests build it the
+    same way; ``fsync=False`` exists only for throw-away benchmarks of the fsync cost.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        watermark: Watermark | None = None,
+        fsync: bool = True,
+        create: bool = True,
+    ) -> None:
+        self.root = Path(root).resolve()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"spool root {self.root} is not a directory")
+        self.watermark = watermark or Watermark()
+        self.fsync = fsync
+        self._hardlinks = True
+
+    @classmethod
+    def from_settings(cls, storage: StorageSettings) -> LocalSpool:
+        """The spool described by ``LocusSettings.storage`` (watermark in % used and bytes)."""
+        return cls(
+            storage.spool_dir,
+            watermark=Watermark(
+                min_free_bytes=storage.min_free_bytes,
+                min_free_fraction=max(0.0, 1.0 - storage.disk_watermark_percent / 100.0),
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"LocalSpool({str(self.root)!r})"
+
+    # -- paths ---------------------------------------------------------------------------
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a spool-relative path; refuses anything outside the spool."""
+        rel = PurePosixPath(relpath)
+        if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
+            raise ValueError(f"not a spool-relative path: {relpath!r}")
+        return self.root.joinpath(*rel.parts)
+
+    def exists(self, relpath: str) -> bool:
+        return self.path(relpath).is_file()
+
+    def open(self, relpath: str) -> BinaryIO:
+        return self.path(relpath).open("rb")
+
+    # -- space -------------------------------------------------------------------------
+    def space(self, incoming_bytes: int = 0) -> SpaceReport:
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        total = st.f_blocks * st.f_frsize
+        after = free - max(incoming_bytes, 0)
+        wm = self.watermark
+        reason = ""
+        if wm.min_free_bytes and after < wm.min_free_bytes:
+            reason = (
+                f"disk watermark: {after} bytes free after this write, "
+                f"below the floor of {wm.min_free_bytes}"
+            )
+        elif wm.min_free_fraction and total > 0 and after / total < wm.min_free_fraction:
+            reason = (
+                f"disk watermark: {after / total:.2%} free after this write, "
+                f"below the floor of {wm.min_free_fraction:.2%}"
+            )
+        return SpaceReport(free, total, incoming_bytes, not reason, reason)
+
+    def free_space_ok(self, incoming_bytes: int = 0) -> bool:
+        return self.space(incoming_bytes).ok
+
+    # -- writing -----------------------------------------------------------------------
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create the study/series directories, fsyncing each new entry's parent."""
+        if directory.is_dir():
+            return
+        missing: list[Path] = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                new.mkdir()
+            if self.fsync:
+                _fsync_dir(new.parent)
+
+    def put_atomic(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | os.PathLike[str] | str
+    ) -> str:
+        relpath = relpath_for(study_uid, series_uid, sop_uid)
+        target = self.path(relpath)
+        if target.is_file():
+            return relpath  # idempotent resend: keep the copy that was indexed first
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else os.path.getsize(data)
+        report = self.space(size)
+        if not report.ok:
+            raise SpoolFullError(report.reason)
+        self._ensure_dir(target.parent)
+        if not isinstance(data, (bytes, bytearray, memoryview)) and self._link_in_place(
+            Path(data), target
+        ):
+            return relpath
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{sop_uid}.", suffix=_PARTIAL_SUFFIX, dir=target.parent
+        )
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    out.write(data)
+                else:
+                    with open(data, "rb") as src:
+                        shutil.copyfileobj(src, out, _COPY_CHUNK)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+            self._publish(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        if self.fsync:
+            _fsync_dir(target.parent)
+        return relpath
+
+    def _link_in_place(self, source: Path, target: Path) -> bool:
+        """Adopt a finished temp file on the spool filesystem without copying it.
+
+        The source is fsync-ed, then hard-linked to its final name (no-clobber); the
+        caller may delete the source name afterwards (pynetdicom does, for chunked
+        receives). Returns False when a copy is needed (other filesystem, no links).
+        """
+        if not self._hardlinks:
+            return False
+        if self.fsync:
+            with open(source, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False
+            raise
+        if self.fsync:
+            _fsync_dir(target.parent)
+        return True
+
+    def _publish(self, tmp: Path, target: Path) -> None:
+        """Move a finished temp file to its final name without clobbering an existing one.
+
+        ``link`` fails if the name exists, so two associations storing the same instance
+        at once keep exactly one (the first) copy; filesystems without hard links fall
+        back to ``os.replace`` (still atomic; last writer wins, same bytes in practice).
+        """
+        if self._hardlinks:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                self._hardlinks = False
+                LOGGER.info("spool %s has no hard links; using os.replace", self.root)
+                os.replace(tmp, target)
+                return
+            tmp.unlink()
+            return
+        os.replace(tmp, target)
+
+    def remove(self, relpath: str) -> None:
+        """Delete one stored file (retention); missing files are not an error."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(relpath).unlink()
+
+    def sweep_partials(self) -> int:
+        """Remove ``*.part`` leftovers of writes interrupted by a crash; return the count."""
+        removed = 0
+        for part in self.root.rglob(f".*{_PARTIAL_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+                removed += 1
+        return removed

@@ -1,0 +1,49 @@
+"""The Celery application: two queues, JSON only, late acknowledgement.
+
+* ``gpu`` carries analyses (``locus.analyse``), ``io`` carries exports (``locus.export``).
+* Tasks take identifiers (study version id, export id), never pixel data.
+* JSON is the only accepted content type: a pickle payload from a compromised broker
+  would be code execution.
+* ``acks_late`` + ``reject_on_worker_lost`` + prefetch 1: a message is acknowledged only
+  after the task body finished, so a killed worker's task is redelivered. This is safe
+  because every task is idempotent (keyed by study version / export row in the
+  database, which is the source of truth; the broker is only the doorbell).
+
+The embedded default broker is kombu's SQLAlchemy transport on a SQLite file under the
+data directory, so a single machine needs no broker server.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+ANALYSE_TASK = "locus.analyse"
+EXPORT_TASK = "locus.export"
+GPU_QUEUE = "gpu"
+IO_QUEUE = "io"
+
+app = Celery("locus", include=["node.tasks.tasks"])
+
+
+def configure_app(broker_url: str) -> Celery:
+    """Point the shared app at a broker; called once per process from an entry point."""
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=IO_QUEUE,
+        task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}, EXPORT_TASK: {"queue": IO_QUEUE}},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    if broker_url.split(":", 1)[0] in ("redis", "rediss", "sqs"):
+        # Redeliver an unacknowledged message after this long (the worker was killed).
+        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    return app

@@ -1,0 +1,329 @@
+"""Ingest benchmark: dcmtk storescu → Locus listener vs dcmtk storescp vs Orthanc.
+
+Not a test (no timing assertions). It generates N synthetic CT instances (512×512,
+16-bit, Explicit VR Little Endian, ~0.5 MB each), then sends them with Debian dcmtk's
+``storescu`` (``TCP_NODELAY=1``, dicom-guide.md P11) to three receivers on this machine,
+one after another, first over one association and then over four parallel ones:
+
+* Locus: the real listener (``node.listener.server.start_listener``) in its own
+  process, with fsync + atomic rename into the spool and indexing in the results
+  database (SQLite by default, ``--database-url`` for PostgreSQL);
+* dcmtk ``storescp`` writing files (no fsync, no index: the upper bound);
+* Orthanc (``/usr/sbin/Orthanc``) with a generated configuration (default storage
+  and SQLite index, fsync on).
+
+Prints instances/s and MB/s per receiver and run, and the ratios Locus/Orthanc and
+Locus/storescp. Usage::
+
+    .venv/bin/python tests/benchmarks/bench_ingest.py [--count 300] [--parallel 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[2]
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"  # dcmtk stalls ~44 ms per instance on loopback without it
+    return env
+
+
+# ------------------------------------------------------------------ data
+
+
+def generate_ct(out: Path, count: int, groups: int) -> list[list[Path]]:
+    """``count`` CT slices split into ``groups`` series (one per parallel association)."""
+    rng = np.random.default_rng(7)
+    pixels = (rng.normal(40, 300, (512, 512)).clip(-1024, 3071)).astype(np.int16).tobytes()
+    study, frame = generate_uid(), generate_uid()
+    per = -(-count // groups)
+    series_files: list[list[Path]] = []
+    for g in range(groups):
+        series = generate_uid()
+        folder = out / f"series{g}"
+        folder.mkdir(parents=True)
+        files = []
+        for k in range(min(per, count - g * per)):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            sop = generate_uid()
+            meta.MediaStorageSOPInstanceUID = sop
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+            ds.Modality, ds.PatientName, ds.PatientID = "CT", "Bench^Ingest", "BENCH"
+            ds.StudyDate = ds.SeriesDate = "20240101"
+            ds.SeriesNumber, ds.InstanceNumber = g + 1, k + 1
+            ds.ImagePositionPatient = [-250.0, -250.0, float(k) * 2.0]
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+            ds.PixelSpacing, ds.SliceThickness = [0.977, 0.977], 2.0
+            ds.Rows = ds.Columns = 512
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.RescaleIntercept, ds.RescaleSlope = 0.0, 1.0
+            ds.PixelData = pixels
+            path = folder / f"{k:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        series_files.append(files)
+    return series_files
+
+
+# ------------------------------------------------------------------ receivers
+
+
+@contextmanager
+def locus_receiver(work: Path, port: int, database_url: str | None) -> Iterator[Callable[[], int]]:
+    """The Locus listener in a child process; yields a function counting indexed instances."""
+    url = database_url or f"sqlite:///{work / 'locus.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-locus", str(port), str(work / "spool"), url],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if "READY" not in line:
+            raise RuntimeError(f"Locus listener did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
+
+        def total() -> int:
+            from sqlalchemy import create_engine, text
+
+            engine = create_engine(url)
+            with engine.connect() as c:
+                n = int(c.execute(text("SELECT count(*) FROM instances")).scalar_one())
+            engine.dispose()
+            return n
+
+        before = total()  # a shared --database-url may hold earlier runs
+        yield lambda: total() - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def serve_locus(port: int, spool_dir: str, url: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from node.db.base import Database
+    from node.listener.server import ListenerConfig, start_listener
+    from node.storage import LocalSpool
+
+    db = Database(url)
+    db.upgrade()
+    server = start_listener(
+        ListenerConfig(ae_title="LOCUS", host="127.0.0.1", port=port), db, LocalSpool(spool_dir)
+    )
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    print("READY", flush=True)
+    while not stop["now"]:
+        time.sleep(0.1)
+    server.shutdown()
+
+
+@contextmanager
+def storescp_receiver(work: Path, port: int) -> Iterator[Callable[[], int]]:
+    out = work / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [STORESCP, "-aet", "LOCUS", "-od", str(out), str(port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield lambda: sum(1 for p in out.iterdir() if p.is_file())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def orthanc_receiver(work: Path, port: int) -> Iterator[Callable[[], int]]:
+    http = free_port()
+    root = work / "orthanc"
+    (root / "db").mkdir(parents=True)
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "DicomAet": "LOCUS",
+        "DicomPort": port,
+        "HttpPort": http,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "StorageCompression": False,
+        "Plugins": [],
+        "HttpServerEnabled": True,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [ORTHANC, str(root / "orthanc.json")], env=dcmtk_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        wait_port(http)
+
+        def count() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=10) as r:
+                return int(json.load(r)["CountInstances"])
+
+        yield count
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+# ------------------------------------------------------------------ sending
+
+
+@dataclass
+class Result:
+    receiver: str
+    associations: int
+    instances: int
+    megabytes: float
+    seconds: float
+    stored: int
+
+    @property
+    def per_s(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_s(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def send(port: int, groups: list[list[Path]]) -> float:
+    """storescu, one process (= one association) per group, all at once; wall seconds."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-R", "-aet", "BENCH", "-aec", "LOCUS", "--max-pdu", "131072",
+             "127.0.0.1", str(port), *map(str, files)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for files in groups
+    ]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err[-500:]}")
+    return time.perf_counter() - started
+
+
+def run_one(name: str, receiver: Callable[[Path, int], object], work: Path,
+            groups: list[list[Path]]) -> Result:
+    files = [f for g in groups for f in g]
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    sub = work / f"{name}-{len(groups)}"
+    sub.mkdir()
+    port = free_port()
+    with receiver(sub, port) as count:  # type: ignore[attr-defined]
+        wait_port(port)
+        seconds = send(port, groups)
+        stored = count()
+    return Result(name, len(groups), len(files), megabytes, seconds, stored)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--database-url", default=None, help="Locus results database (default: SQLite in the temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--serve-locus", nargs=3, metavar=("PORT", "SPOOL", "URL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_locus:
+        serve_locus(int(args.serve_locus[0]), args.serve_locus[1], args.serve_locus[2])
+        return
+    for tool in (STORESCU, STORESCP, ORTHANC):
+        if not Path(tool).exists():
+            sys.exit(f"{tool} is missing (Debian packages dcmtk and orthanc)")
+
+    work = Path(tempfile.mkdtemp(prefix="locus-bench-"))
+    try:
+        data = work / "data"
+        one = generate_ct(data / "one", args.count, 1)
+        many = generate_ct(data / "many", args.count, args.parallel)
+        receivers = {
+            "locus": lambda w, p: locus_receiver(w, p, args.database_url),
+            "storescp": storescp_receiver,
+            "orthanc": orthanc_receiver,
+        }
+        results: list[Result] = []
+        for groups in (one, many):
+            for name, factory in receivers.items():
+                r = run_one(name, factory, work, groups)
+                results.append(r)
+                print(
+                    f"{r.receiver:<9} {r.associations} assoc  {r.instances} inst  {r.seconds:6.2f} s  "
+                    f"{r.per_s:7.1f} inst/s  {r.mb_s:6.1f} MB/s  stored={r.stored}",
+                    flush=True,
+                )
+        by = {(r.receiver, r.associations): r for r in results}
+        print()
+        for n in (1, args.parallel):
+            loc, orth, scp = by[("locus", n)], by[("orthanc", n)], by[("storescp", n)]
+            print(
+                f"{n} association(s): Locus/Orthanc = {loc.per_s / orth.per_s:.2f}, "
+                f"Locus/storescp = {loc.per_s / scp.per_s:.2f}"
+            )
+        incomplete = [r for r in results if r.stored != r.instances]
+        if incomplete:
+            print("WARNING: not every instance was stored:", [(r.receiver, r.associations, r.stored) for r in incomplete])
+        print(f"(one machine, {os.cpu_count()} CPUs; Locus database: {args.database_url or 'SQLite'})")
+    finally:
+        if args.keep:
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

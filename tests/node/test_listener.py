@@ -1,0 +1,515 @@
+"""The DICOM listener over real loopback associations (pynetdicom SCU and Debian dcmtk).
+
+Each test starts the real SCP on a free port with a real SQLite results database and a
+spool in tmp_path, sends real C-STOREs, and checks the answer, the spool and the index.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from node.db import repo
+from node.db.base import Database
+from node.db.models import AuditEvent, Instance, Series
+from node.listener.ae import AllowedCaller, CallerPolicy
+from node.listener.server import ListenerConfig, ListenerServer, start_listener
+from node.listener.status import StoreStatus
+from node.storage import LocalSpool, Watermark
+from tests.conftest import dcmtk, dcmtk_env, free_port
+
+pytestmark = pytest.mark.network
+
+CT_DIR = "seg-ct-liver3slice-multivendor/ct"
+SEG_FILE = "seg-ct-liver3slice-multivendor/seg/dcmqi_liver.dcm"
+J2K_EMPTY_UIDS = "totalseg-example/example_ct_dicom"
+LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'locus.db'}")
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> LocalSpool:
+    return LocalSpool(tmp_path / "spool")
+
+
+def _start(db: Database, spool: LocalSpool, **overrides: object) -> ListenerServer:
+    cfg = ListenerConfig(
+        ae_title="LOCUS",
+        host="127.0.0.1",
+        port=free_port(),
+        allowed_callers=(
+            AllowedCaller("TESTSCU"),
+            AllowedCaller("DCMTK", ("127.0.0.1",)),
+            AllowedCaller("PINNED", ("10.255.255.1",)),
+        ),
+        **overrides,  # type: ignore[arg-type]
+    )
+    return start_listener(cfg, db, spool)
+
+
+@pytest.fixture
+def listener(db: Database, spool: LocalSpool) -> Iterator[ListenerServer]:
+    server = _start(db, spool)
+    yield server
+    server.shutdown()
+
+
+def _scu(calling: str = "TESTSCU") -> AE:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    return ae
+
+
+def _send(
+    listener: ListenerServer, items: list[Path | Dataset], calling: str = "TESTSCU", *, raw: bool = False
+) -> list[Dataset]:
+    """C-STORE each item on one association; return the status data sets.
+
+    ``raw=True`` sends file bytes exactly as stored after the File Meta (pynetdicom's
+    chunked send), so broken payloads reach the SCP unchanged.
+    """
+    ae = _scu(calling)
+    contexts: set[tuple[str, str]] = set()
+    for item in items:
+        if isinstance(item, Dataset):
+            contexts.add((str(item.SOPClassUID), str(item.file_meta.TransferSyntaxUID)))
+        else:
+            meta = pydicom.filereader.read_file_meta_info(item)
+            contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    for sop_class, ts in sorted(contexts):
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="LOCUS", max_pdu=0)
+    assert assoc.is_established
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = raw
+    try:
+        statuses = [assoc.send_c_store(item) for item in items]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+    return statuses
+
+
+def _instances(db: Database) -> dict[str, SimpleNamespace]:
+    """Indexed instances by SOP Instance UID (plain copies of the rows)."""
+    cols = [c.key for c in Instance.__table__.columns]
+    with db.session(readonly=True) as s:
+        return {
+            i.sop_uid: SimpleNamespace(**{c: getattr(i, c) for c in cols})
+            for i in s.scalars(select(Instance))
+        }
+
+
+def _audit(db: Database, kind: str) -> list[dict[str, Any]]:
+    """Audit events of one kind, oldest first, as detail + UID columns."""
+    with db.session(readonly=True) as s:
+        return [
+            {**(e.detail or {}), "sop_uid": e.sop_uid, "calling_ae": e.calling_ae}
+            for e in reversed(repo.audit_events(s, kind=kind))
+        ]
+
+
+def _rejections(db: Database) -> list[dict[str, Any]]:
+    return _audit(db, "rejected")
+
+
+def _spool_files(spool: LocalSpool) -> list[Path]:
+    return sorted(p for p in spool.root.rglob("*") if p.is_file())
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file (everything after the File Meta)."""
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        return fh.read()
+
+
+def _write_part10(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ------------------------------------------------------------------ verification
+
+
+def test_echo_with_dcmtk_and_pynetdicom(listener: ListenerServer) -> None:
+    run = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "DCMTK", "-aec", "LOCUS", "127.0.0.1", str(listener.port)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    ae = _scu()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="LOCUS")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+# ------------------------------------------------------------------ storing
+
+
+def test_dcmtk_storescu_ct_and_seg_stored_as_received_and_indexed(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path
+) -> None:
+    src = [data_dir / CT_DIR / n for n in ("01.dcm", "02.dcm", "03.dcm")] + [data_dir / SEG_FILE]
+    run = subprocess.run(
+        [dcmtk("storescu"), "-R", "-aet", "DCMTK", "-aec", "LOCUS", "--max-pdu", "131072",
+         "127.0.0.1", str(listener.port), *map(str, src)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _instances(db)
+    assert len(rows) == 4 and len(_spool_files(spool)) == 4
+    for path in src:
+        ds = pydicom.dcmread(path)
+        row = rows[ds.SOPInstanceUID]
+        stored = spool.path(row.path)
+        assert row.path == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+        assert row.calling_ae == "DCMTK" and row.receive_count == 1
+        assert row.size_bytes == stored.stat().st_size
+        back = pydicom.dcmread(stored)
+        assert back.file_meta.TransferSyntaxUID == row.transfer_syntax
+        assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        # dcmtk re-encodes lengths on the wire, so compare elements, not file bytes.
+        assert back == ds
+        assert np.array_equal(back.pixel_array, ds.pixel_array)
+    seg = pydicom.dcmread(data_dir / SEG_FILE, stop_before_pixels=True)
+    seg_row = rows[seg.SOPInstanceUID]
+    ct_series = pydicom.dcmread(src[0], stop_before_pixels=True).SeriesInstanceUID
+    ct_sops = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in src[:3]}
+    refs = {tuple(r) for r in seg_row.referenced_instances}
+    assert {sop for _, sop in refs} == ct_sops and {ser for ser, _ in refs} == {ct_series}
+    with db.session(readonly=True) as s:
+        modalities = {x.modality for x in s.scalars(select(Series))}
+    assert modalities == {"CT", "SEG"}
+
+
+@pytest.mark.parametrize(
+    ("syntax", "propose"), [(JPEG2000Lossless, "-xv"), (JPEGLSLossless, "-xt"), (RLELossless, "-xr")]
+)
+def test_compressed_syntaxes_stored_without_transcoding(
+    listener: ListenerServer,
+    db: Database,
+    spool: LocalSpool,
+    data_dir: Path,
+    tmp_path: Path,
+    syntax: str,
+    propose: str,
+) -> None:
+    ds = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+    original = ds.pixel_array.copy()
+    ds.compress(syntax)
+    ds.SOPInstanceUID = generate_uid()
+    path = _write_part10(ds, tmp_path / "compressed.dcm")
+    # storescu proposes the compressed syntax (and uncompressed ones) and sends as stored.
+    run = subprocess.run(
+        [dcmtk("storescu"), propose, "-R", "-aet", "DCMTK", "-aec", "LOCUS", "127.0.0.1", str(listener.port), str(path)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    row = _instances(db)[ds.SOPInstanceUID]
+    assert row.transfer_syntax == syntax
+    back = pydicom.dcmread(spool.path(row.path))
+    assert back.PixelData == ds.PixelData  # the compressed fragments, untouched
+    assert np.array_equal(back.pixel_array, original)
+
+
+def test_jpeg2000_with_valid_uids_and_empty_uids(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path, tmp_path: Path
+) -> None:
+    src = sorted((data_dir / J2K_EMPTY_UIDS).glob("*.dcm"))[0]
+    # As published: the data set's SOP/Study/Series UIDs are empty (README). The command
+    # carries the File Meta UID, the data set none: refused with a reason, nothing stored.
+    (status,) = _send(listener, [src], raw=True)
+    assert status.Status == StoreStatus.INVALID_UID
+    assert "empty" in status.ErrorComment
+    assert _spool_files(spool) == [] and _instances(db) == {}
+    rejected = _rejections(db)
+    assert rejected[0]["code"] == "invalid_uid"
+    assert rejected[0]["sop_uid"] == pydicom.dcmread(src).file_meta.MediaStorageSOPInstanceUID
+    # Repaired UIDs (the JPEG 2000 pixel data untouched): stored as JPEG 2000.
+    ds = pydicom.dcmread(src)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    fixed = _write_part10(ds, tmp_path / "fixed.dcm")
+    (status,) = _send(listener, [fixed], raw=True)
+    assert status.Status == 0x0000
+    row = _instances(db)[ds.SOPInstanceUID]
+    assert row.transfer_syntax == JPEG2000Lossless
+    assert _dataset_bytes(spool.path(row.path)) == _dataset_bytes(fixed)  # byte-for-byte as sent
+    assert pydicom.dcmread(spool.path(row.path)).pixel_array.shape == (512, 512)
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name")
+def test_label_map_segmentation_accepted(
+    listener: ListenerServer, db: Database, data_dir: Path
+) -> None:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ct = [pydicom.dcmread(data_dir / CT_DIR / n) for n in ("01.dcm", "02.dcm", "03.dcm")]
+    for image in ct:
+        if not image.get("SpecificCharacterSet"):  # empty in this GE CT; highdicom refuses ''
+            del image.SpecificCharacterSet
+    mask = np.zeros((3, 512, 512), dtype=np.uint8)
+    mask[:, 200:240, 200:260] = 1
+    seg = hd.seg.Segmentation(
+        source_images=ct,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="lesion",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Neoplasm,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        ],
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="Locus tests",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    assert seg.SOPClassUID == LABELMAP_SEG  # not in the 120-context list (dicom-guide P6)
+    (status,) = _send(listener, [seg])
+    assert status.Status == 0x0000
+    row = _instances(db)[seg.SOPInstanceUID]
+    assert row.sop_class_uid == LABELMAP_SEG
+    assert {sop for _, sop in row.referenced_instances} == {d.SOPInstanceUID for d in ct}
+
+
+def test_duplicate_resend_is_idempotent_and_counted(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path
+) -> None:
+    path = data_dir / CT_DIR / "01.dcm"
+    first = _send(listener, [path])
+    again = _send(listener, [path, path])
+    assert [s.Status for s in first + again] == [0, 0, 0]
+    rows = _instances(db)
+    assert len(rows) == 1 and next(iter(rows.values())).receive_count == 3
+    assert len(_spool_files(spool)) == 1
+    assert [e["new"] for e in _audit(db, "received")] == [True, False, False]
+
+
+def test_parallel_associations(database: Database, spool: LocalSpool, data_dir: Path) -> None:
+    """Four concurrent associations, on SQLite and PostgreSQL (``database`` fixture)."""
+    db = database
+    listener = _start(db, spool)
+    base = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+    study, errors = generate_uid(), []
+
+    def worker(n: int) -> None:
+        try:
+            items = []
+            series = generate_uid()
+            for k in range(5):
+                ds = copy.deepcopy(base)
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+                ds.InstanceNumber = k + 1
+                items.append(ds)
+            statuses = _send(listener, items)
+            assert [s.Status for s in statuses] == [0] * 5
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    listener.shutdown()
+    assert not errors
+    rows = _instances(db)
+    assert len(rows) == 20 and all(r.receive_count == 1 for r in rows.values())
+    assert len(_spool_files(spool)) == 20
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_unknown_calling_ae_rejected_and_audited(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path
+) -> None:
+    run = subprocess.run(
+        [dcmtk("storescu"), "-aet", "STRANGER", "-aec", "LOCUS", "127.0.0.1", str(listener.port),
+         str(data_dir / CT_DIR / "01.dcm")],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert run.returncode != 0
+    assert "Calling AE Title Not Recognized" in run.stdout + run.stderr
+    ae = _scu("PINNED")  # allowed only from 10.255.255.1
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="LOCUS")
+    assert assoc.is_rejected and not assoc.is_established
+    ae = _scu()
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="NOT-LOCUS")  # wrong called AE
+    assert assoc.is_rejected
+    codes = sorted((r["code"], r["calling_ae"]) for r in _rejections(db))
+    assert codes == [
+        ("called_ae_not_recognized", "TESTSCU"),
+        ("calling_ae_not_allowed", "STRANGER"),
+        ("calling_host_not_allowed", "PINNED"),
+    ]
+    assert all(r["peer_host"] == "127.0.0.1" for r in _rejections(db))
+    assert _spool_files(spool) == [] and _instances(db) == {}
+
+
+def test_caller_policy_rules() -> None:
+    policy = CallerPolicy(
+        "LOCUS",
+        (AllowedCaller.parse("A"), AllowedCaller.parse("B@10.0.0.0/8,192.168.1.5"), AllowedCaller.parse("C@localhost")),
+    )
+    assert policy.check("A", "LOCUS", "203.0.113.9") is None
+    assert policy.check("B", "LOCUS", "10.1.2.3") is None
+    assert policy.check("B", "LOCUS", "::ffff:192.168.1.5") is None
+    assert policy.check("B", "LOCUS", "192.168.1.6").code == "calling_host_not_allowed"
+    assert policy.check("C", "LOCUS", "127.0.0.1") is None
+    assert policy.check("Z", "LOCUS", "127.0.0.1").code == "calling_ae_not_allowed"
+    assert policy.check("A", "OTHER", "127.0.0.1").code == "called_ae_not_recognized"
+    assert CallerPolicy("LOCUS").check("anyone", "LOCUS", "1.2.3.4") is None
+    with pytest.raises(ValueError):
+        AllowedCaller.parse("@host")
+
+
+def _broken_file(src: Path, tmp_path: Path, name: str, body: bytes) -> Path:
+    """A Part 10 file with the real File Meta of ``src`` and ``body`` as its data set."""
+    with open(src, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        meta_end = fh.tell()
+    out = tmp_path / name
+    out.write_bytes(src.read_bytes()[:meta_end] + body)
+    return out
+
+
+def test_truncated_and_non_dicom_payloads_refused(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path, tmp_path: Path
+) -> None:
+    src = data_dir / CT_DIR / "01.dcm"
+    body = _dataset_bytes(src)
+    items = [
+        _broken_file(src, tmp_path, "cut-pixels.dcm", body[: len(body) - 1000]),  # mid Pixel Data
+        _broken_file(src, tmp_path, "cut-header.dcm", body[:333]),  # mid element
+        _broken_file(src, tmp_path, "garbage.dcm", b"%PDF-1.7 this is not DICOM at all" * 40),
+    ]
+    statuses = _send(listener, items, raw=True)
+    assert [s.Status for s in statuses] == [StoreStatus.CANNOT_UNDERSTAND] * 3
+    assert all("truncated" in s.ErrorComment or "not a data set" in s.ErrorComment
+               or "invalid VR" in s.ErrorComment for s in statuses)
+    assert _spool_files(spool) == [] and _instances(db) == {}
+    assert [r["code"] for r in _rejections(db)] == ["malformed_dataset"] * 3
+    # The listener is unharmed: a good file on the same port still stores.
+    assert _send(listener, [src])[0].Status == 0x0000
+
+
+def test_uid_mismatches_between_command_and_data_set(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path, tmp_path: Path
+) -> None:
+    ds = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # command UID ≠ data set UID
+    other_instance = tmp_path / "inst.dcm"
+    ds.save_as(other_instance, enforce_file_format=False)  # keeps the altered File Meta
+    ds = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.128"  # PET in the data set, CT in the command
+    other_class = tmp_path / "class.dcm"
+    ds.save_as(other_class, enforce_file_format=False)  # keeps the CT File Meta
+    statuses = _send(listener, [other_instance, other_class], raw=True)
+    assert [s.Status for s in statuses] == [StoreStatus.SOP_INSTANCE_MISMATCH, StoreStatus.SOP_CLASS_MISMATCH]
+    assert _spool_files(spool) == []
+    assert [r["code"] for r in _rejections(db)] == ["sop_instance_mismatch", "sop_class_mismatch"]
+
+
+def test_disk_watermark_answers_out_of_resources(
+    db: Database, tmp_path: Path, data_dir: Path
+) -> None:
+    spool = LocalSpool(tmp_path / "full", watermark=Watermark(min_free_bytes=1 << 62))
+    with _start(db, spool) as server:
+        statuses = _send(server, [data_dir / CT_DIR / "01.dcm", data_dir / SEG_FILE])
+    assert [s.Status for s in statuses] == [StoreStatus.OUT_OF_RESOURCES] * 2
+    assert "watermark" in statuses[0].ErrorComment
+    assert _spool_files(spool) == [] and _instances(db) == {}
+    assert [r["code"] for r in _rejections(db)] == ["disk_watermark"] * 2
+
+
+def test_index_failure_never_answers_success(tmp_path: Path, data_dir: Path) -> None:
+    # A database without the schema: every write fails after the file is written.
+    broken = Database(f"sqlite:///{tmp_path / 'empty.db'}")
+    spool = LocalSpool(tmp_path / "spool")
+    src = data_dir / CT_DIR / "01.dcm"
+    with _start(broken, spool) as server:
+        (status,) = _send(server, [src])
+    assert status.Status == StoreStatus.INDEX_UNAVAILABLE
+    files = _spool_files(spool)
+    assert len(files) == 1  # the file stays; a resend is indexed idempotently
+    broken.upgrade()
+    with _start(broken, spool) as server:
+        (status,) = _send(server, [src])
+    assert status.Status == 0x0000
+    assert _spool_files(spool) == files and len(_instances(broken)) == 1
+    broken.dispose()
+
+
+def test_uid_conflict_refused_and_new_copy_removed(
+    listener: ListenerServer, db: Database, spool: LocalSpool, data_dir: Path
+) -> None:
+    ds = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+    assert _send(listener, [ds])[0].Status == 0
+    ds.SeriesInstanceUID = generate_uid()  # same SOP Instance UID under another series
+    (status,) = _send(listener, [ds])
+    assert status.Status == StoreStatus.UID_CONFLICT
+    assert len(_spool_files(spool)) == 1
+    assert _rejections(db)[0]["code"] == "uid_conflict"
+
+
+def test_settings_adapter(tmp_path: Path) -> None:
+    from node.settings import LocusSettings
+
+    settings = LocusSettings.load(
+        storage={"data_dir": str(tmp_path), "disk_watermark_percent": 95, "min_free_bytes": 0},
+        dicom={"ae_title": "NODE", "port": 11999, "allowed_callers": [{"ae_title": "PACS", "host": "10.0.0.7"}]},
+    )
+    cfg = ListenerConfig.from_settings(settings)
+    assert cfg.ae_title == "NODE" and cfg.port == 11999
+    assert cfg.allowed_callers == (AllowedCaller("PACS", ("10.0.0.7",)),)
+    spool = LocalSpool.from_settings(settings.storage)
+    assert spool.root == (tmp_path / "spool").resolve()
+    assert spool.watermark.min_free_fraction == pytest.approx(0.05)
+
