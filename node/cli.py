@@ -133,7 +133,11 @@ def _attach_optional() -> None:
         ("node.cli_demo", "demo"),
     ):
         mod = importlib.import_module(module)
-        main.add_command(getattr(mod, name), name=name)
+        main.add_command(getattr(mod, name), name=name.removesuffix("_command"))
+    from node.cli_results import results
+    from node.cli_similar import similar
+
+    results.add_command(similar, name="similar")
 
 
 _attach_optional()

@@ -1,6 +1,6 @@
 """Time per study of the full-size HLIP chest-CT encoder (random weights), CPU or GPU.
 
-Run once: ``.venv/bin/python tests/benchmarks/bench_study_encoder.py [--device cuda] [--slices 300]``
+Run once: ``PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_study_encoder.py [--device cuda] [--slices 300]``
 
 Builds ``vit_base_singlescan_h2_token2744`` through open_clip (text tower: a small local BERT
 config, which does not affect per-study image cost), writes and strictly loads a checkpoint
