@@ -1,0 +1,93 @@
+"""The HCL-AL ``ClipNet`` container: dispatch on ``state['net']`` and strict loading.
+
+The published state dict (after removing ``module.``) has exactly three groups
+(hcl-al-compat.md §12): ``image_encoder.*`` (100 keys for ResidualNet), ``text_encoder.*``
+(149 keys, OpenAI CLIP text tower) and the scalar ``logit_scale``; ``ClipText_Fc_BasicNet``
+adds ``text_fc.*``.  :class:`HclalClipNet` has those attribute names, so the whole dict
+loads with ``strict=True``: a renamed, missing or extra tensor is a :class:`ModelError`,
+never a silently random layer.
+
+``logit_scale`` is kept for calibration reports only; scoring uses the reference's fixed
+scale of 100 (bug B12).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pipelines.errors import ModelError
+from pipelines.models.checkpoints import HclalCheckpoint
+from pipelines.models.localizer.encoder3d import BasicNet3D, ResidualNet3D
+from pipelines.models.text import TextTowerConfig, build_text_tower
+
+#: net name → (image encoder class, has trainable text_fc)
+SUPPORTED_NETS: dict[str, tuple[type[nn.Module], bool]] = {
+    "ClipText_ResidualNet": (ResidualNet3D, False),
+    "ClipText_BasicNet": (BasicNet3D, False),
+    "ClipText_BasicNet_HardNegSample": (BasicNet3D, False),
+    "ClipText_BasicNet_SemiHardNegSample": (BasicNet3D, False),
+    "ClipText_Fc_BasicNet": (BasicNet3D, True),
+}
+#: nets HCL-AL defines that Locus does not implement (DenseNet is cubic-only, BERT nets need HF weights)
+UNSUPPORTED_NETS = ("ClipText_DenseNet", "ClipText_ViT", "PubMedBERT_BasicNet", "BioMedBERT_BasicNet")
+
+
+class HclalClipNet(nn.Module):
+    """Image encoder + CLIP text tower (+ optional ``text_fc``) under the published names."""
+
+    def __init__(
+        self,
+        net: str,
+        in_channels: int,
+        crop_size: tuple[int, int, int],
+        text_cfg: TextTowerConfig,
+        num_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        if net not in SUPPORTED_NETS:
+            hint = " (defined by HCL-AL but not implemented in Locus)" if net in UNSUPPORTED_NETS else ""
+            raise ModelError(f"unsupported HCL-AL network {net!r}{hint}", code="checkpoint_net_unsupported")
+        encoder_cls, has_text_fc = SUPPORTED_NETS[net]
+        self.net_name = net
+        features = num_features or text_cfg.output_dim
+        self.text_encoder = build_text_tower(text_cfg)
+        self.image_encoder = encoder_cls(in_channels, crop_size, features)
+        self.text_fc = nn.Linear(text_cfg.output_dim, features) if has_text_fc else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(x)
+
+
+def _text_subdict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("text_encoder.") :]: v for k, v in sd.items() if k.startswith("text_encoder.")}
+
+
+def build_network(ckpt: HclalCheckpoint, *, heads: int | None = None) -> HclalClipNet:
+    """Construct the network described by ``ckpt`` and load every tensor strictly (CPU, eval)."""
+    sd = ckpt.state_dict
+    text_cfg = TextTowerConfig.from_state_dict(_text_subdict(sd), heads)
+    fc = sd.get("image_encoder.fc.weight")
+    if fc is None:
+        raise ModelError("checkpoint has no image_encoder.fc.weight", code="checkpoint_layout")
+    pre = ckpt.preprocessing
+    try:
+        model = HclalClipNet(ckpt.net, pre.input_channel, pre.crop_size, text_cfg, num_features=int(fc.shape[0]))
+    except ValueError as exc:
+        raise ModelError(str(exc), code="checkpoint_layout") from exc
+    load_strict(model, sd)
+    return model.eval()
+
+
+def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(strict=True)`` with a readable :class:`ModelError` on any mismatch."""
+    try:
+        model.load_state_dict(dict(sd), strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"checkpoint tensors do not match the network layout: {str(exc)[:600]}", code="checkpoint_layout"
+        ) from exc
