@@ -26,7 +26,16 @@ app = Celery("locus", include=["node.tasks.tasks"])
 
 
 def configure_app(broker_url: str) -> Celery:
-    """Point the shared app at a broker; called once per process from an entry point."""
+    """Point the shared app at a broker; called once per process from an entry point.
+
+    A process that serves several nodes one after another (the test suite, ``locus
+    demo`` after a test) must not keep pooled connections to the previous broker.
+    """
+    if app.conf.broker_url and app.conf.broker_url != broker_url:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool = None
+        app.amqp._producer_pool = None
     app.conf.update(
         broker_url=broker_url,
         result_backend=None,

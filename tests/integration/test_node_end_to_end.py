@@ -147,7 +147,7 @@ def test_storescu_to_locus_to_storescp(tmp_path: Path) -> None:
     db_max = sorted(row.suv_max for row in rows)
     assert sr_max == pytest.approx(db_max, rel=1e-6)
     for row in rows:
-        assert row.suv_max > row.suv_mean > 0
+        assert row.suv_max >= row.suv_mean > 0  # equal for a one-voxel lesion
         assert row.volume_ml > 0 and row.suv_unit == "g/ml{SUVbw}"
 
 
