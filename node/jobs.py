@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.uid import UID
 
 from node.db import repo
 from node.logging import log_context
+from node.storage import write_file_atomic
 from pipelines.analysis import AnalysisOptions, analyse_study
 from pipelines.errors import LocusError, TransientError
 
@@ -42,26 +40,6 @@ COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the target directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _dataset_bytes(ds: object) -> bytes:
@@ -122,7 +100,7 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
         if result.sr_dataset is not None:
             sr = result.sr_dataset
             rel = f"{version.study_uid}/{sr.SOPInstanceUID}.dcm"
-            write_atomic(ctx.settings.storage.reports_dir / rel, _dataset_bytes(sr))
+            write_file_atomic(ctx.settings.storage.reports_dir / rel, _dataset_bytes(sr))
             report = {
                 "sr_sop_uid": str(sr.SOPInstanceUID),
                 "series_uid": str(sr.SeriesInstanceUID),

@@ -163,6 +163,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``path`` so that readers see the old state or the whole new file, never a part.
+
+    Temp file in the target directory, fsync, rename over the target, fsync the
+    directory (used for reports; spooled instances go through :meth:`LocalSpool.put_atomic`).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            if fsync:
+                os.fsync(out.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
 class LocalSpool:
     """A spool on a local or shared (network-mounted) POSIX filesystem.
 

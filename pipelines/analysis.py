@@ -19,6 +19,7 @@ reason the node records and the CLI prints.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,7 @@ from typing import Literal, Protocol
 
 from pydicom import Dataset
 
-from pipelines.dicom.inventory import StudyInventory, take_inventory
+from pipelines.dicom.inventory import take_inventory
 from pipelines.dicom.measure import measure_lesions
 from pipelines.dicom.seg import SegObject, read_segments
 from pipelines.dicom.series import build_volume_report
@@ -40,7 +41,10 @@ from pipelines.sr.builder import AlgorithmIdentity, DeviceIdentity, build_measur
 
 log = logging.getLogger(__name__)
 
-LOCUS_VERSION = "0.1.0"
+try:  # the installed distribution's version, so SR and DB record what actually ran
+    LOCUS_VERSION = importlib.metadata.version("locus")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree without install
+    LOCUS_VERSION = "0+unknown"
 ALGORITHM_NAME = "Locus PET/CT lesion quantification"
 
 DEFAULT_DEVICE = DeviceIdentity(
@@ -184,8 +188,3 @@ def _full_dataset(ds: Dataset) -> Dataset:
     if not filename:
         return ds
     return pydicom.dcmread(str(filename))
-
-
-def inventory_only(items: Sequence[str | Path | Dataset]) -> StudyInventory:
-    """Exposed for the node's pre-flight checks and for tests."""
-    return take_inventory(items)

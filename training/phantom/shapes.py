@@ -17,6 +17,8 @@ cheap.
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,15 +39,16 @@ def _sub_range(axis: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
     return a, b
 
 
-class Shape:
+class Shape(abc.ABC):
     """Base class: a closed region of space with an axis-aligned bounding box."""
 
+    @abc.abstractmethod
     def contains(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Boolean mask of the points (broadcast arrays of LPS mm) inside the shape."""
 
+    @abc.abstractmethod
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) corners, float64 (3,), of a box enclosing the shape."""
-        raise NotImplementedError
 
     def contains_grid(self, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
         """Mask ``(nk, nj, ni)`` for the grid spanned by sorted 1-D axes xs, ys, zs."""

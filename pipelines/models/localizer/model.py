@@ -195,6 +195,16 @@ def _build_stage(
     )
 
 
+def _checked_options(geometry_mode: str, device: str | torch.device) -> torch.device:
+    """Validate the run-time options shared by :meth:`Localizer.load` and ``from_checkpoints``."""
+    if geometry_mode not in GEOMETRY_MODES:
+        raise ModelError(f"unknown geometry mode {geometry_mode!r}; use one of {GEOMETRY_MODES}", code="config_invalid")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but no CUDA device is available", code="device_unavailable")
+    return dev
+
+
 class Localizer:
     """Load with :meth:`load`; call :meth:`localize` (Volumes) or :meth:`localize_images` (SimpleITK)."""
 
@@ -258,11 +268,7 @@ class Localizer:
         :class:`ModelError`.  ``temperatures`` = (coarse T, fine T) fitted on site data
         enables ``calibrated_probability``; without them no calibration is claimed.
         """
-        if geometry_mode not in GEOMETRY_MODES:
-            raise ModelError(f"unknown geometry mode {geometry_mode!r}; use one of {GEOMETRY_MODES}", code="config_invalid")
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ModelError("device 'cuda' requested but no CUDA device is available", code="device_unavailable")
+        dev = _checked_options(geometry_mode, device)  # before reading ~0.75 GB of checkpoints
         vocab = Vocabulary.load(vocabulary_json, descriptions_json)
         coarse_ckpt = load_checkpoint(coarse_path, key=key)
         fine_ckpt = load_checkpoint(fine_path, key=key)
@@ -292,9 +298,7 @@ class Localizer:
         expected: LocalizerSpec | None = None,
     ) -> Localizer:
         """Build from already-read checkpoints (what :meth:`load` does after reading files)."""
-        if geometry_mode not in GEOMETRY_MODES:
-            raise ModelError(f"unknown geometry mode {geometry_mode!r}; use one of {GEOMETRY_MODES}", code="config_invalid")
-        dev = torch.device(device)
+        dev = _checked_options(geometry_mode, device)
         spec = LocalizerSpec(
             model_id=model_id or (expected.model_id if expected else default_model_id(coarse_ckpt.sha256, fine_ckpt.sha256)),
             coarse=PinnedFile(coarse_ckpt.path, coarse_ckpt.sha256),
