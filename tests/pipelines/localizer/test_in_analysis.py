@@ -1,0 +1,92 @@
+"""The localizer inside the study analysis: HCL-AL strings → coded Finding Sites in the SR.
+
+Small random-weight checkpoints in HCL-AL's published dict layout, and a vocabulary made of
+three real HCL-AL regions (their final strings come from the library's crosswalk; the
+description sentences are written here, not copied). With random weights the predicted
+site is arbitrary, so the test checks the wiring: every lesion gets a localization, its
+coded site is the library's coding of the predicted string, the SR carries it as a valid
+Finding Site, and the model identity is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from library import load_library
+from node.cli_demo import SAMPLE_STUDY
+from node.models import load_localizer
+from node.settings import LocusSettings
+from node.tasks.context import build_context
+from pipelines.analysis import AnalysisOptions, analyse_study
+from pipelines.localization import LibraryLocalizer
+from pipelines.models.localizer import Localizer
+from pipelines.sr.reader import read_measurement_report
+from tests.helpers.dicomcheck import assert_dciodvfy_clean
+
+from . import factory as F
+from .conftest import COARSE, FINE
+
+REGIONS = ("Chest", "Abdomen", "Axial skeleton")
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory in HCL-AL's release layout, with real final strings."""
+    root = tmp_path_factory.mktemp("hclal_release")
+    F.write_checkpoint(root / "coarse" / "params.pth", F.make_state(seed=21, **COARSE))
+    F.write_checkpoint(root / "fine" / "params.pth", F.make_state(seed=22, **FINE))
+    tree = load_library().hclal.tree()
+    vocab = {region: tree[region] for region in REGIONS}
+    words = dict.fromkeys(w for coarse in vocab.values() for key, fine in coarse.items() for w in (key, *fine))
+    desc = {w: f"test sentence {i}: {w.lower()}" for i, w in enumerate(words)}
+    (root / "anatomy_vocabulary_library.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (root / "augmented_location_descriptions.json").write_text(json.dumps(desc), encoding="utf-8")
+    return root
+
+
+def test_analysis_writes_coded_finding_sites(release_dir: Path, tmp_path: Path) -> None:
+    files = [release_dir / "coarse" / "params.pth", release_dir / "fine" / "params.pth",
+             release_dir / "anatomy_vocabulary_library.json", release_dir / "augmented_location_descriptions.json"]
+    localizer = LibraryLocalizer(Localizer.load(*files))
+    result = analyse_study([SAMPLE_STUDY], AnalysisOptions(localizer=localizer))
+
+    lib = load_library()
+    assert result.lesions and not any(f.code == "location_not_assessed" for f in result.flags)
+    assert [m.model_id for m in result.models] == [localizer.localizer.model_info.model_id]
+    for les in result.lesions:
+        loc = les.localization
+        assert loc is not None and loc.site is not None
+        expected = (lib.hclal_coarse_node(loc.final_label) if any(f.code == "large_lesion" for f in loc.flags)
+                    else lib.hclal_site(loc.final_label))
+        assert loc.site.site_id == expected.id
+        assert loc.site.code.value == expected.code.value
+        assert loc.coarse_ranking and len(loc.alternatives) >= 1
+
+    out = tmp_path / "sr.dcm"
+    result.sr_dataset.save_as(out, enforce_file_format=True)
+    assert_dciodvfy_clean(out)
+    report = read_measurement_report(out)
+    by_uid = {les.tracking_uid: les for les in report.lesions}
+    for les in result.lesions:
+        read = by_uid[les.tracking_uid]
+        assert read.location_assessed
+        assert les.localization.site.code.value in {s.location.value for s in read.finding_sites}
+    weights = localizer.localizer.model_info.sha256
+    assert any(weights in p for les in report.lesions for p in les.algorithm.parameters)
+
+
+def test_node_loads_the_configured_localizer_once(release_dir: Path, tmp_path: Path) -> None:
+    settings = LocusSettings.load(None, storage={"data_dir": str(tmp_path)},
+                                  models={"localizer_checkpoint": str(release_dir), "device": "cpu"})
+    ctx = build_context(settings)
+    first = load_localizer(ctx)
+    assert isinstance(first, LibraryLocalizer)
+    assert load_localizer(ctx) is first  # cached per process
+
+
+def test_node_without_localizer(tmp_path: Path) -> None:
+    ctx = build_context(LocusSettings.load(None, storage={"data_dir": str(tmp_path)}))
+    assert load_localizer(ctx) is None
