@@ -59,8 +59,8 @@ def insert_ignore(session: Session, model: type[Any], values: Mapping[str, Any],
         stmt: Any = postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
     elif dialect == "sqlite":
         stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise NotImplementedError(f"unsupported database dialect {dialect}")
+    else:  # pragma: no cover - Database() refuses other backends when it is opened
+        raise ValueError(f"database dialect {dialect!r} is not supported (SQLite or PostgreSQL only)")
     result = session.execute(stmt.returning(*table.primary_key.columns))
     return result.first() is not None
 

@@ -73,6 +73,10 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+#: Backends the repository code is written and tested for.
+SUPPORTED_BACKENDS = frozenset({"sqlite", "postgresql"})
+
+
 class Database:
     """One engine plus session factories for a database URL.
 
@@ -83,7 +87,14 @@ class Database:
 
     def __init__(self, url: str | URL, *, echo: bool = False, sqlite_busy_timeout_ms: int = 30_000) -> None:
         self.url: URL = make_url(url)
-        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        backend = self.url.get_backend_name()
+        if backend not in SUPPORTED_BACKENDS:
+            # Idempotent inserts use dialect-specific ON CONFLICT; refuse early, with the reason.
+            raise ValueError(
+                f"database {backend!r} is not supported: use SQLite or PostgreSQL "
+                f"(got {self.url.render_as_string(hide_password=True)})"
+            )
+        self.is_sqlite = backend == "sqlite"
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
             db_path = self.url.database

@@ -683,3 +683,10 @@ def test_db_cli_upgrade(db_url: str, tmp_path: Path) -> None:
             assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 0
     finally:
         database.dispose()
+
+
+def test_unsupported_database_backend_is_refused_when_opened() -> None:
+    from node.db.base import Database
+
+    with pytest.raises(ValueError, match="not supported: use SQLite or PostgreSQL"):
+        Database("mysql+pymysql://root@127.0.0.1/test")
