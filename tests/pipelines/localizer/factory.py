@@ -219,3 +219,24 @@ def write_vocabulary(tmp: Path) -> tuple[Path, Path]:
     v.write_text(json.dumps(vocab, indent=2), encoding="utf-8")
     d.write_text(json.dumps(desc, indent=2), encoding="utf-8")
     return v, d
+
+
+def write_release_dir(root: Path, *, coarse: dict, fine: dict, regions: tuple[str, ...],
+                      seeds: tuple[int, int] = (21, 22)) -> Path:
+    """A directory in HCL-AL's release layout with real final strings of ``regions``.
+
+    The vocabulary is the library's HCL-AL tree restricted to ``regions`` (so predicted
+    strings map to coded library sites); the description sentences are written here.
+    """
+    from library import load_library
+
+    write_checkpoint(root / "coarse" / "params.pth", make_state(seed=seeds[0], **coarse))
+    write_checkpoint(root / "fine" / "params.pth", make_state(seed=seeds[1], **fine))
+    tree = load_library().hclal.tree()
+    vocab = {region: tree[region] for region in regions}
+    words = dict.fromkeys(w for coarse_map in vocab.values() for key, fine_map in coarse_map.items()
+                          for w in (key, *fine_map))
+    desc = {w: f"test sentence {i}: {w.lower()}" for i, w in enumerate(words)}
+    (root / "anatomy_vocabulary_library.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (root / "augmented_location_descriptions.json").write_text(json.dumps(desc), encoding="utf-8")
+    return root

@@ -10,7 +10,6 @@ Finding Site, and the model identity is recorded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -35,16 +34,7 @@ REGIONS = ("Chest", "Abdomen", "Axial skeleton")
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory in HCL-AL's release layout, with real final strings."""
-    root = tmp_path_factory.mktemp("hclal_release")
-    F.write_checkpoint(root / "coarse" / "params.pth", F.make_state(seed=21, **COARSE))
-    F.write_checkpoint(root / "fine" / "params.pth", F.make_state(seed=22, **FINE))
-    tree = load_library().hclal.tree()
-    vocab = {region: tree[region] for region in REGIONS}
-    words = dict.fromkeys(w for coarse in vocab.values() for key, fine in coarse.items() for w in (key, *fine))
-    desc = {w: f"test sentence {i}: {w.lower()}" for i, w in enumerate(words)}
-    (root / "anatomy_vocabulary_library.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (root / "augmented_location_descriptions.json").write_text(json.dumps(desc), encoding="utf-8")
-    return root
+    return F.write_release_dir(tmp_path_factory.mktemp("hclal_release"), coarse=COARSE, fine=FINE, regions=REGIONS)
 
 
 def test_analysis_writes_coded_finding_sites(release_dir: Path, tmp_path: Path) -> None:
