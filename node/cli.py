@@ -41,7 +41,8 @@ def main(ctx: click.Context, config: Path | None, log_level: str | None, json_lo
 
 
 # Commands whose output is for people at a terminal: keep INFO logs out of the way.
-_QUIET = {"analyse", "results", "library", "exports", "echo", "db", "localize", "demo"}
+_QUIET = {"analyse", "results", "library", "exports", "echo", "db", "localize", "demo", "train", "review", "dataset",
+          "encode-study"}
 
 
 def settings_of(ctx: click.Context) -> LocusSettings:
@@ -81,7 +82,7 @@ def worker(ctx: click.Context, queues: str, concurrency: int) -> None:
 
     settings = settings_of(ctx)
     install_context(build_context(settings))
-    app = configure_app(settings.broker.url)
+    app = configure_app(settings.broker)
     app.worker_main([
         "worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork" if concurrency > 1 else "solo",
         "--without-gossip", "--without-mingle", "--loglevel", settings.log_level,
@@ -131,6 +132,8 @@ def _attach_optional() -> None:
         ("node.cli_library", "library"),
         ("node.cli_localize", "localize"),
         ("node.cli_demo", "demo"),
+        ("node.cli_review", "review"),
+        ("node.cli_dataset", "dataset"),
     ):
         mod = importlib.import_module(module)
         main.add_command(getattr(mod, name), name=name.removesuffix("_command"))
@@ -138,6 +141,26 @@ def _attach_optional() -> None:
     from node.cli_similar import similar
 
     results.add_command(similar, name="similar")
+    from node.cli_encode import encode_study
+
+    main.add_command(encode_study, name="encode-study")
+
+
+def _attach_plugins() -> None:
+    """Attach command groups other installed packages declare in the ``locus.commands``
+    entry-point group (e.g. ``locus train`` from ``training``, which the node must not
+    import).  A plugin that fails to load is skipped with a message; the node still runs."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="locus.commands"):
+        if ep.name in main.commands:
+            continue
+        try:
+            main.add_command(ep.load(), name=ep.name)
+        except Exception as exc:  # a broken optional plugin must not take the node's CLI down
+            print(f"locus: command plugin {ep.name!r} ({ep.value}) not loaded: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
 
 
 _attach_optional()
+_attach_plugins()

@@ -33,6 +33,15 @@ from node.settings import LocusSettings
 PACS_AE = "DEMO_PACS"
 #: Synthetic PET/CT + SEG written by training/phantom (see its README); not patient data.
 SAMPLE_STUDY = Path(__file__).resolve().parent / "demo_study"
+#: Small localizer trained on phantom studies (``locus train demo-weights``), HCL-AL release layout.
+DEMO_LOCALIZER = Path(__file__).resolve().parent / "demo_localizer"
+_LOCALIZER_FILES = ("coarse/params.pth", "fine/params.pth", "anatomy_vocabulary_library.json",
+                    "augmented_location_descriptions.json")
+
+
+def demo_localizer_dir() -> Path | None:
+    """The shipped demo localizer when all four files are present, else None."""
+    return DEMO_LOCALIZER if all((DEMO_LOCALIZER / f).is_file() for f in _LOCALIZER_FILES) else None
 
 
 def _free_port() -> int:
@@ -104,6 +113,18 @@ def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json:
         "export": {"destinations": [{"name": "demo-pacs", "ae_title": PACS_AE, "host": "127.0.0.1",
                                      "port": pacs_port}], "backoff_base_s": 1.0},
     })
+    if settings.models.localizer_checkpoint is None:
+        shipped = demo_localizer_dir()
+        if shipped is not None:
+            settings = settings.model_copy(update={"models": settings.models.model_copy(
+                update={"localizer_checkpoint": shipped})})
+            console.print(f"localizer: demo weights in {shipped} (trained on synthetic phantoms only; they name "
+                          "phantom lesion sites and say nothing about patients)")
+        else:
+            console.print(f"localizer: none ({DEMO_LOCALIZER} is missing; recreate it with `locus train "
+                          "demo-weights`); lesion locations will be reported as not assessed")
+    else:
+        console.print(f"localizer: {settings.models.localizer_checkpoint} (from the configuration)")
     console.print(f"data directory: {data_dir}")
     pacs, received = start_demo_pacs(data_dir / "demo-pacs-inbox", pacs_port)
     node = start_node(settings)

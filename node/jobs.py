@@ -27,7 +27,8 @@ from pydicom.uid import UID
 from node.db import repo
 from node.logging import log_context
 from node.storage import write_file_atomic
-from pipelines.analysis import AnalysisOptions, analyse_study
+from node.tasks.testhooks import pause_after_claim
+from pipelines.analysis import AnalysisOptions, StudyEncoderLike, analyse_study
 from pipelines.errors import LocusError, TransientError
 
 if TYPE_CHECKING:
@@ -67,21 +68,25 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
         version = repo.get_version(s, study_version_id)
         instances = repo.instances_for_version(s, study_version_id)
         previous = repo.previous_report(s, version.study_uid, version.version)
+    pause_after_claim(study_version_id)  # test hook (node.tasks.testhooks): inert unless its env var is set
 
     with log_context(study_uid=version.study_uid, version=version.version):
         predecessor = None
         if previous is not None:
             predecessor = (COMPREHENSIVE_3D_SR, previous.sr_sop_uid, previous.series_uid, version.study_uid)
-        options = AnalysisOptions(
-            lesion_mode=ctx.settings.analysis.lesion_mode,
-            study_version=version.version,
-            predecessor=predecessor,
-            # Pinned to the version's completion time so a re-run re-creates the same bytes.
-            content_datetime=version.ready_at.replace(tzinfo=None),
-            localizer=_localizer(ctx),
-        )
         paths = [ctx.spool.path(i.path) for i in instances]
         try:
+            # Models load inside the try: a missing or mismatched checkpoint fails the version
+            # with the model's reason (ModelError code) instead of leaving it "analysing".
+            options = AnalysisOptions(
+                lesion_mode=ctx.settings.analysis.lesion_mode,
+                study_version=version.version,
+                predecessor=predecessor,
+                # Pinned to the version's completion time so a re-run re-creates the same bytes.
+                content_datetime=version.ready_at.replace(tzinfo=None),
+                localizer=_localizer(ctx),
+                study_encoder=_study_encoder(ctx),
+            )
             result = analyse_study(paths, options)
         except TransientError:
             raise
@@ -108,11 +113,20 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
                 "predecessor": previous.sr_sop_uid if previous is not None else None,
             }
         payload = result.to_json()
+        encoding = result.study_encoding
+        if encoding is not None and payload.get("study_encoding"):
+            # The vector lives in study_embeddings (float32); the result JSON keeps its identity only.
+            payload["study_encoding"].pop("embedding", None)
+            payload["study_encoding"]["embedding_dim"] = len(encoding.embedding)
         export_ids: list[int] = []
         with ctx.db.session() as s:
             stored = repo.store_analysis_result(
                 s, study_version_id, payload, payload["lesions"], report, utcnow(), timings=result.timings_s
             )
+            if encoding is not None:  # same transaction as the findings: both or neither
+                repo.store_embedding(s, study_version_id, model_id=encoding.model.model_id,
+                                     vector=encoding.embedding,
+                                     preprocessing_version=encoding.preprocessing_version, now=utcnow())  # fmt: skip
             if stored.report_id is not None:
                 for dest in export_destinations(ctx):
                     export_ids.append(repo.create_export(s, stored.report_id, dest, now=utcnow()))
@@ -135,6 +149,13 @@ def _localizer(ctx: WorkerContext) -> object | None:
     from node.models import load_localizer
 
     return load_localizer(ctx)
+
+
+def _study_encoder(ctx: WorkerContext) -> StudyEncoderLike | None:
+    """The configured HLIP study encoder, loaded once per process (None if not configured)."""
+    from node.models import load_study_encoder
+
+    return load_study_encoder(ctx)
 
 
 def run_export_pass(ctx: WorkerContext) -> tuple[int, float | None]:

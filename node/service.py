@@ -16,6 +16,7 @@ Threads:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -42,7 +43,7 @@ def prepare(settings: LocusSettings) -> WorkerContext:
     if removed:
         log.warning("removed %d partial spool files left by an interrupted write", removed)
     install_context(ctx)
-    configure_app(settings.broker.url)
+    configure_app(settings.broker)
     return ctx
 
 
@@ -60,9 +61,34 @@ def sweep_once(ctx: WorkerContext, *, ring_exports: bool = True) -> list[int]:
     if to_queue:
         with ctx.db.session() as s:
             repo.mark_queued(s, to_queue, utcnow())
+    requeue_stale(ctx, now)
     if ring_exports:
         app.send_task(EXPORT_TASK, queue=IO_QUEUE)
     return to_queue
+
+
+def requeue_stale(ctx: WorkerContext, now: datetime.datetime) -> list[int]:
+    """Enqueue again the versions queued longer than ``completion.requeue_stale_s``.
+
+    The database is the source of truth and the broker only the doorbell: a message
+    lost with the broker's data would leave a version ``queued`` forever. A second
+    message for a version that is in fact still queued in the broker is harmless: the
+    first delivery claims it, later ones find it analysed and skip it.
+    """
+    from node.tasks.celery_app import app
+
+    bound = now - datetime.timedelta(seconds=ctx.settings.completion.requeue_stale_s)
+    with ctx.db.session(readonly=True) as s:
+        stale = repo.stale_queued_versions(s, bound)
+    if not stale:
+        return []
+    for vid in stale:
+        app.send_task(ANALYSE_TASK, args=(vid,), queue=GPU_QUEUE)
+    with ctx.db.session() as s:
+        repo.mark_requeued_stale(s, stale, bound, now)
+    log.warning("re-enqueued %d study version(s) queued for over %.0f s: %s",
+                len(stale), ctx.settings.completion.requeue_stale_s, stale)
+    return stale
 
 
 @dataclass

@@ -96,7 +96,11 @@ class DicomSettings(_Section):
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     require_called_ae_title: bool = True  # reject associations addressed to another AE title
     max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (dicom-guide.md §7.1)
-    max_associations: int = Field(default=8, ge=1)
+    max_associations: int = Field(default=8, ge=1)  # per listener process
+    # Listener processes sharing the port (SO_REUSEPORT): pynetdicom is CPU-bound under
+    # the GIL, so several parallel associations need several processes to use several
+    # cores. 1 = the serving process only.
+    listener_processes: int = Field(default=1, ge=1, le=64)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
@@ -180,6 +184,13 @@ class BrokerSettings(_Section):
     # Celery result backend URL (e.g. "db+sqlite:///…", "redis://…"); None = no result
     # backend: tasks persist their outcome in the results database themselves.
     result_backend: str | None = None
+    # Redis: a task taken by a worker that then died (no acknowledgement) is handed to
+    # another worker after this long. Must exceed the longest analysis, or a running
+    # analysis is started a second time (harmless, the task is idempotent, but wasted).
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    # Redis: prefix for every key kombu uses, so several nodes (or test runs) can share
+    # one Redis database without seeing each other's queues. "" = kombu's own names.
+    key_prefix: str = ""
 
 
 class CompletionSettings(_Section):
@@ -189,6 +200,10 @@ class CompletionSettings(_Section):
     study_quiet_s: float = Field(default=60.0, ge=0)
     force_complete_s: float = Field(default=3600.0, gt=0)
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # A version still `queued` (no worker claimed it) this long after it was enqueued is
+    # enqueued again: its broker message may be lost (broker data deleted, Redis
+    # flushed). A duplicate message is harmless: the task's claim is idempotent.
+    requeue_stale_s: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> CompletionSettings:
@@ -263,8 +278,18 @@ class ModelsSettings(_Section):
     dir: Path | None = None  # base directory for relative checkpoint paths
     localizer_id: str | None = None  # registry model_id of the HCL-AL-compatible localizer
     localizer_checkpoint: Path | None = None
-    study_encoder_id: str | None = None  # registry model_id of the HLIP-compatible encoder
-    study_encoder_checkpoint: Path | None = None
+    # HLIP-compatible study encoder (hlip-compat.md): unset checkpoint = no study embedding.
+    study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<sha256[:12]>"
+    study_encoder_checkpoint: Path | None = None  # .pt (training dict / state dict) or .safetensors
+    study_encoder_sha256: str = ""  # pin: refuse a checkpoint whose sha256 differs ("" = record only)
+    study_encoder_text_dir: Path | None = None  # local BERT dir: config.json + vocab.txt/tokenizer.json
+    study_encoder_model: str = "vit_base_singlescan_h2_token2744"  # open_clip config name
+    study_encoder_config_dir: Path | None = None  # extra open_clip model configs (site variants)
+    study_encoder_prompt_set: str = "ct_rate_hlip_v1"  # library/prompts/<name>.json
+    # Presence threshold per finding id, calibrated per site; a finding without one gets a
+    # score only (no present/absent decision).  None are built in.
+    study_encoder_thresholds: dict[str, float] = Field(default_factory=dict)
+    study_encoder_max_chest_extent_mm: float = Field(default=400.0, gt=0)  # longer CTs: lung-centred crop
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 
     def resolve(self, path: Path | None) -> Path | None:

@@ -15,6 +15,9 @@ temporary file in the target directory (same filesystem), which is flushed and
 where the filesystem has no hard links), and the directory itself is ``fsync``-ed so the
 new name survives a power cut. A reader therefore never sees a half-written file, and a
 crash leaves at most a ``*.part`` file, which :meth:`LocalSpool.sweep_partials` removes.
+The listener's group-commit writer passes ``sync_dir=False`` and fsyncs each directory
+once per batch (:meth:`LocalSpool.sync_parent`) before it commits the batch's index rows,
+so the order file fsync → name → directory fsync → index commit → Success is kept.
 
 :class:`LocalSpool` also serves a shared filesystem (NFS, CIFS, a bind-mounted volume):
 the listener and the workers only need to mount the same root. ``os.replace`` and
@@ -130,14 +133,26 @@ class Spool(Protocol):
     """What the listener and the workers need from spool storage."""
 
     def put_atomic(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | os.PathLike[str] | str
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        data: bytes | os.PathLike[str] | str,
+        *,
+        sync_dir: bool = True,
     ) -> str:
         """Store one instance durably; return its spool-relative path.
 
         ``data`` is the encoded file (bytes) or the path of a finished temporary file,
         which is moved (same filesystem) or copied. If the instance is already stored,
-        the existing copy is kept and its path returned.
+        the existing copy is kept and its path returned. ``sync_dir=False`` leaves the
+        final directory fsync to the caller (:meth:`sync_parent`), which may then make
+        many new names durable with one fsync (group commit).
         """
+        ...
+
+    def sync_parent(self, relpath: str) -> None:
+        """Make the directory entry of ``relpath`` durable (fsync its directory)."""
         ...
 
     def exists(self, relpath: str) -> bool: ...
@@ -278,7 +293,13 @@ class LocalSpool:
                 _fsync_dir(new.parent)
 
     def put_atomic(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | os.PathLike[str] | str
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        data: bytes | os.PathLike[str] | str,
+        *,
+        sync_dir: bool = True,
     ) -> str:
         relpath = relpath_for(study_uid, series_uid, sop_uid)
         target = self.path(relpath)
@@ -290,7 +311,7 @@ class LocalSpool:
             raise SpoolFullError(report.reason)
         self._ensure_dir(target.parent)
         if not isinstance(data, (bytes, bytearray, memoryview)) and self._link_in_place(
-            Path(data), target
+            Path(data), target, sync_dir=sync_dir
         ):
             return relpath
         fd, tmp_name = tempfile.mkstemp(
@@ -312,11 +333,15 @@ class LocalSpool:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        if self.fsync:
+        if self.fsync and sync_dir:
             _fsync_dir(target.parent)
         return relpath
 
-    def _link_in_place(self, source: Path, target: Path) -> bool:
+    def sync_parent(self, relpath: str) -> None:
+        if self.fsync:
+            _fsync_dir(self.path(relpath).parent)
+
+    def _link_in_place(self, source: Path, target: Path, *, sync_dir: bool = True) -> bool:
         """Adopt a finished temp file on the spool filesystem without copying it.
 
         The source is fsync-ed, then hard-linked to its final name (no-clobber); the
@@ -336,7 +361,7 @@ class LocalSpool:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                 return False
             raise
-        if self.fsync:
+        if self.fsync and sync_dir:
             _fsync_dir(target.parent)
         return True
 

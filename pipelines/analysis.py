@@ -9,11 +9,16 @@ Stages, each timed:
 4. ``lesions``: every SEG segment (or 26-connected component) measured in one
    labelled pass per SEG on the PET grid, CT HU on the CT grid;
 5. ``localize`` (when a localizer is configured): anatomical site per lesion;
-6. ``report``: the TID 1500 Comprehensive 3D SR (highdicom).
+6. ``study_encoding`` (when a study encoder is configured): the HLIP study embedding and
+   zero-shot study-level findings from the CT, when it covers the chest;
+7. ``report``: the TID 1500 Comprehensive 3D SR (highdicom).
 
 A study without SEG has nothing to measure: the result says so (flag ``no_seg``) and
-no SR is written, rather than an empty report. Refusals are :class:`InputError`s whose
-reason the node records and the CLI prints.
+no SR is written, rather than an empty report; its CT is still encoded when an encoder
+is configured, so the study can be found by similar-study search. Refusals are
+:class:`InputError`s whose reason the node records and the CLI prints.  A CT that does not
+cover the chest (or has no usable axial geometry) is not an error of the study: the
+encoding is skipped with a recorded flag and the rest of the analysis goes on.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from pipelines.dicom.seg import SegObject, read_segments
 from pipelines.dicom.series import build_volume_report
 from pipelines.dicom.suv import suv_or_fallback
 from pipelines.dicom.volume import Volume
-from pipelines.findings import AnalysisResult, Flag, Lesion, Localization, ModelInfo
+from pipelines.errors import InputError
+from pipelines.findings import AnalysisResult, Flag, Lesion, Localization, ModelInfo, StudyEncoding
 from pipelines.sr.builder import AlgorithmIdentity, DeviceIdentity, build_measurement_report
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,18 @@ class LesionLocalizer(Protocol):
     ) -> list[Localization | None]: ...
 
 
+class StudyEncoderLike(Protocol):
+    """What the analysis needs from a study encoder (see pipelines.models.study_encoder.model)."""
+
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    @property
+    def last_timings(self) -> dict[str, float]: ...
+
+    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding: ...
+
+
 @dataclass(frozen=True)
 class AnalysisOptions:
     """Plain arguments of one analysis (the node maps its settings onto these)."""
@@ -79,6 +97,7 @@ class AnalysisOptions:
     content_datetime: datetime.datetime | None = None
     uid_prefix: str | None = None
     localizer: LesionLocalizer | None = None
+    study_encoder: StudyEncoderLike | None = None
 
 
 @dataclass
@@ -112,6 +131,20 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
         log.info("study %s: no SEG, nothing to measure", inv.study_instance_uid)
         if not any(f.code == "no_seg" for f in result.flags):
             result.flags.append(Flag("no_seg", "the study holds no SEG object: no lesions to measure, no report"))
+        if opts.study_encoder is not None:  # the embedding still makes the study searchable
+            ct_only: Volume | None = None
+            if inv.ct is not None:
+                try:
+                    with timer.stage("volumes"):
+                        ct_build = build_volume_report(inv.ct_headers or [], tilt=opts.tilt)
+                except InputError as exc:  # nothing else needs this CT: the study stays "no SEG", not failed
+                    why = f"no study embedding: the CT cannot be built: {exc.reason} [{exc.code}]"
+                    result.flags.append(Flag("study_encoding_skipped", why))
+                else:
+                    result.flags.extend(ct_build.flags)
+                    ct_only = ct_build.volume
+            if ct_only is not None or inv.ct is None:
+                _encode_study(opts.study_encoder, ct_only, inv.ct_headers or [], result, timer)
         result.timings_s = dict(timer.timings, total=round(time.perf_counter() - t_start, 4))
         return result
 
@@ -147,6 +180,9 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
     elif result.lesions:
         result.flags.append(Flag("location_not_assessed", "no anatomical localizer configured"))
 
+    if opts.study_encoder is not None:
+        _encode_study(opts.study_encoder, ct, inv.ct_headers or [], result, timer)
+
     if opts.write_report and result.lesions:
         with timer.stage("report"):
             evidence: list[Dataset] = [seg.dataset for seg in segs]
@@ -176,6 +212,38 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
     result.timings_s = dict(timer.timings, total=round(time.perf_counter() - t_start, 4))
     log.info("study %s: %d lesions in %.2fs", inv.study_instance_uid, len(result.lesions), result.timings_s["total"])
     return result
+
+
+def _encode_study(encoder: StudyEncoderLike, ct: Volume | None, ct_headers: Sequence[Dataset],
+                  result: AnalysisResult, timer: _Timer) -> None:  # fmt: skip
+    """The ``study_encoding`` stage: embedding + zero-shot findings, or a flag saying why not.
+
+    Input-side refusals are flags, so lesion results are still reported: ``study_encoding_no_ct``
+    (no CT), ``study_encoding_not_chest`` (no lungs found, hlip-compat §9 note),
+    ``study_encoding_skipped`` (any other refusal of the CT, e.g. sheared or oblique geometry;
+    the error code is in the message).  Model failures (:class:`~pipelines.errors.ModelError`)
+    propagate and fail the analysis with their reason.
+    """
+    if ct is None:
+        result.flags.append(Flag("study_encoding_no_ct", "no CT in the study: no study embedding or zero-shot "
+                                 "findings (the study encoder needs a chest-covering CT)"))  # fmt: skip
+        return
+    body_part = None
+    if ct_headers:  # (0018,0015) Body Part Examined: a tie-breaker only (see .study_encoder.thorax)
+        body_part = str(ct_headers[0].get("BodyPartExamined", "") or "").strip() or None
+    with timer.stage("study_encoding"):
+        try:
+            encoding = encoder.encode(ct, body_part_examined=body_part)
+        except InputError as exc:
+            log.info("study %s: study encoding skipped (%s)", result.study_instance_uid, exc.code)
+            code = "study_encoding_not_chest" if exc.code == "ct_not_chest" else "study_encoding_skipped"
+            result.flags.append(Flag(code, f"no study embedding or zero-shot findings: {exc.reason} [{exc.code}]"))
+            return
+    for key, seconds in encoder.last_timings.items():  # preprocess_s, forward_s, zeroshot_s
+        timer.timings[f"study_encoding.{key.removesuffix('_s')}"] = round(seconds, 4)
+    result.study_encoding = encoding
+    if all(m.model_id != encoding.model.model_id for m in result.models):
+        result.models.append(encoding.model)
 
 
 def _full_dataset(ds: Dataset) -> Dataset:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
+from node.db import embedding_packs
 from node.db._common import (
     REPLACEABLE,
     add_audit,
@@ -359,10 +360,15 @@ def store_embedding(
     preprocessing_version: str,
     now: datetime,
 ) -> int:
-    """Store (or replace) a study embedding as float32 little-endian bytes."""
+    """Store (or replace) a study embedding as float32 little-endian bytes.
+
+    The packed search copy (:mod:`node.db.embedding_packs`) is updated in the same
+    transaction, so a committed embedding is always searchable and nothing else is.
+    """
     check_now(now)
     if not vector:
         raise ValueError("empty embedding vector")
+    version, _study = version_and_study(session, study_version_id)
     existing = session.scalars(
         select(StudyEmbedding).where(
             StudyEmbedding.study_version_id == study_version_id, StudyEmbedding.model_id == model_id
@@ -376,6 +382,8 @@ def store_embedding(
     if existing is None:
         session.add(row)
     session.flush()
+    embedding_packs.index_embedding(session, study_id=version.study_id, version=version.version, model_id=model_id,
+                                    preprocessing_version=preprocessing_version, vector=row.vector, dim=row.dim)  # fmt: skip
     return row.id
 
 

@@ -56,7 +56,9 @@ from node.db.versions import (
     get_version,
     lock_study,
     mark_queued,
+    mark_requeued_stale,
     pending_study_ids,
+    stale_queued_versions,
     study_snapshot,
     versions_to_enqueue,
 )
@@ -89,6 +91,7 @@ __all__ = [
     "load_embedding",
     "lock_study",
     "mark_queued",
+    "mark_requeued_stale",
     "pending_study_ids",
     "previous_report",
     "record_export_attempt",
@@ -101,6 +104,7 @@ __all__ = [
     "store_embedding",
     "study_calling_aes",
     "study_detail",
+    "stale_queued_versions",
     "study_snapshot",
     "versions_to_enqueue",
 ]

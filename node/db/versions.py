@@ -324,3 +324,58 @@ def mark_queued(session: Session, study_version_ids: Iterable[int], now: datetim
             sync_study_status(session, study.id)
             add_audit(session, AuditKind.QUEUED, now, study_uid=study.study_uid, detail={"version": version.version})
     return moved
+
+
+def stale_queued_versions(session: Session, queued_before: datetime) -> list[int]:
+    """Versions enqueued before ``queued_before`` that no worker has claimed yet.
+
+    Their broker message may be lost (embedded broker file deleted, Redis flushed or
+    failed over without persistence); see :func:`mark_requeued_stale`.
+    """
+    check_now(queued_before)
+    return list(
+        session.scalars(
+            select(StudyVersion.id)
+            .where(StudyVersion.state == VersionState.QUEUED.value, StudyVersion.queued_at < queued_before)
+            .order_by(StudyVersion.id)
+        )
+    )
+
+
+def mark_requeued_stale(
+    session: Session, study_version_ids: Iterable[int], queued_before: datetime, now: datetime
+) -> int:
+    """Record that stale queued versions were enqueued again (``queued_at`` restarts).
+
+    Guarded on the state and the old ``queued_at``: a version a worker claimed, or that
+    another sweeper re-enqueued, in the meantime is left alone. Audited as ``requeued``
+    with reason ``stale_queued``. Returns how many versions were updated.
+    """
+    check_now(now)
+    moved = 0
+    for vid in study_version_ids:
+        version, study = version_and_study(session, vid)
+        waited = (now - version.queued_at).total_seconds() if version.queued_at is not None else None
+        result = session.execute(
+            update(StudyVersion)
+            .where(
+                StudyVersion.id == vid,
+                StudyVersion.state == VersionState.QUEUED.value,
+                StudyVersion.queued_at < queued_before,
+            )
+            .values(queued_at=now)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            moved += 1
+            add_audit(
+                session,
+                AuditKind.REQUEUED,
+                now,
+                study_uid=study.study_uid,
+                detail={
+                    "version": version.version,
+                    "reason": "stale_queued",
+                    "queued_for_s": round(waited, 1) if waited is not None else None,
+                },
+            )
+    return moved

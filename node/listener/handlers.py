@@ -19,6 +19,10 @@ Order of operations for one C-STORE, and the answer at each failure (status.py):
 5. Index in the database (idempotent on SOP Instance UID; a resend is counted) → on any
    database error 0xA701: the file stays in the spool, the reason is logged (and recorded
    if the database can still take a rejection row), and the sender is told to retry.
+   With the group-commit writer (``StoreContext.writer``, what ``start_listener`` uses)
+   steps 4's directory fsync and 5 run on the writer thread, batched with other
+   associations' records; this thread waits for its own record's commit, and a failed
+   directory fsync answers 0xA700, a failed transaction 0xA701 (index_writer.py).
    **Success is never answered for an instance that is not indexed.** A UID conflict
    (the SOP or series UID is already filed under another series or study) → 0xC214 and
    the new copy is removed.
@@ -31,17 +35,18 @@ Every refusal is logged with UIDs only (no patient data) and recorded through
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 
 from node.db import repo
 from node.db.base import Database
+from node.listener.index_writer import DirectorySyncError, IndexWriter
 from node.listener.parsing import MalformedDataSet, check_encoding, index_fields
 from node.listener.status import StoreStatus, status_dataset
 from node.storage import Spool, SpoolFullError, is_valid_uid, relpath_for
@@ -65,6 +70,8 @@ class StoreContext:
     db: Database
     on_stored: StoredHook | None = None
     clock: Callable[[], datetime] = field(default=_utcnow)
+    # Group commit (node.listener.index_writer); None = one transaction per C-STORE.
+    writer: IndexWriter | None = None
 
 
 class _Refused(Exception):
@@ -80,12 +87,46 @@ def _peer(event: evt.Event) -> tuple[str, str]:
     return str(requestor.ae_title).strip(), str(requestor.address)
 
 
-def _part10_bytes(event: evt.Event) -> tuple[bytes, bytes, str]:
-    """(whole Part 10 file, data set bytes, transfer syntax) without decoding anything."""
+def _element(tag_elem: int, vr: bytes, value: bytes) -> bytes:
+    """One group-0002 element, Explicit VR Little Endian (PS3.5 §7.1.2)."""
+    if vr == b"OB":  # 2 reserved bytes and a 32-bit length (PS3.5 Table 7.1-1)
+        return struct.pack("<HH", 0x0002, tag_elem) + b"OB\x00\x00" + struct.pack("<L", len(value)) + value
+    return struct.pack("<HH", 0x0002, tag_elem) + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw  # even length (PS3.5 §7.1.1): UI with NUL, SH with space
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information group (PS3.10 §7.1) of a received object.
+
+    The same elements and values as pynetdicom's ``Event.file_meta`` (its implementation
+    class UID and version name) encoded directly: building and validating a pydicom
+    FileMetaDataset per C-STORE cost more CPU than the rest of this handler's parsing.
+    """
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+            _element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    return b"\x00" * 128 + b"DICM" + _element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _part10_bytes(event: evt.Event, sop_class_uid: str, sop_instance_uid: str) -> tuple[bytes, bytes, str]:
+    """(whole Part 10 file, data set bytes, transfer syntax) without decoding anything.
+
+    The UIDs are the command's (already checked to be valid UIDs, so ASCII).
+    """
     raw = event.encoded_dataset(include_meta=False)
-    meta = event.file_meta  # built by pynetdicom from the command set and the context
-    header = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
-    return header + raw, raw, str(meta.TransferSyntaxUID)
+    transfer_syntax = str(event.context.transfer_syntax)
+    return file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax) + raw, raw, transfer_syntax
 
 
 def _record_refusal(ctx: StoreContext, refused: _Refused, calling: str, host: str, sop: str | None) -> None:
@@ -120,7 +161,12 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
                 StoreStatus.INVALID_UID, "invalid_uid",
                 "Affected SOP Instance UID in the command is not a valid UID",
             )
-        file_bytes, raw, transfer_syntax = _part10_bytes(event)
+        if not is_valid_uid(command_class):
+            raise _Refused(
+                StoreStatus.INVALID_UID, "invalid_uid",
+                "Affected SOP Class UID in the command is not a valid UID",
+            )
+        file_bytes, raw, transfer_syntax = _part10_bytes(event, command_class, command_sop)
 
         try:
             check_encoding(raw, transfer_syntax)
@@ -150,10 +196,14 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
                 f"SOPClassUID {fields.sop_class_uid} differs from the command's {command_class}",
             )
 
+        received_at = ctx.clock()
         existed = ctx.spool.exists(relpath_for(fields.study_uid, fields.series_uid, fields.sop_uid))
         try:
+            # With the group-commit writer, the directory fsync is done by the writer
+            # (once per directory per batch) before it commits this record.
             relpath = ctx.spool.put_atomic(
-                fields.study_uid, fields.series_uid, fields.sop_uid, file_bytes
+                fields.study_uid, fields.series_uid, fields.sop_uid, file_bytes,
+                sync_dir=ctx.writer is None,
             )
         except SpoolFullError as exc:
             raise _Refused(StoreStatus.OUT_OF_RESOURCES, "disk_watermark", exc.reason) from exc
@@ -178,14 +228,23 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
             referenced_instances=fields.referenced_instances,
         )
         try:
-            with ctx.db.session() as session:
-                outcome = repo.record_instance(session, record, ctx.clock())
+            if ctx.writer is not None:
+                outcome = ctx.writer.record(record, received_at, relpath_to_sync=None if existed else relpath)
+            else:
+                with ctx.db.session() as session:
+                    outcome = repo.record_instance(session, record, received_at)
         except InputError as exc:
             # e.g. uid_conflict: this SOP/series UID is already filed under another
             # series/study. A sender bug that must not merge studies: drop our new copy.
             if not existed:
                 ctx.spool.remove(relpath)
             raise _Refused(StoreStatus.UID_CONFLICT, exc.code, exc.reason) from exc
+        except DirectorySyncError as exc:
+            # The writer's directory fsync failed: the new name may not survive a crash.
+            LOGGER.error("instance written to %s but its directory could not be synced: %s", relpath, exc)
+            raise _Refused(
+                StoreStatus.OUT_OF_RESOURCES, "write_failed", f"spool sync failed: {exc.strerror or exc}"
+            ) from exc
         except Exception as exc:
             LOGGER.exception("instance written to %s but not indexed", relpath)
             raise _Refused(

@@ -8,12 +8,14 @@ results database and the spool, and returns a running :class:`ListenerServer`.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.db import repo
@@ -28,9 +30,11 @@ from node.listener.ae import (
     make_request_handler,
 )
 from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle_store
+from node.listener.index_writer import IndexWriter
 from node.storage import Spool
 
 if TYPE_CHECKING:
+    from node.listener.processes import ListenerChildren
     from node.settings import LocusSettings
 
 LOGGER = logging.getLogger(__name__)
@@ -50,6 +54,14 @@ class ListenerConfig:
     network_timeout: float = 60
     maximum_pdu_size: int = 0
     accept_compressed: bool = True
+    # Group commit of the index (node.listener.index_writer): one writer thread batches
+    # directory fsyncs and index transactions across associations. False = one
+    # transaction per C-STORE on the association's thread (kept for comparison).
+    group_commit: bool = True
+    # Listener processes on this port (node.listener.processes): 1 = this process only;
+    # n > 1 adds n - 1 child processes bound with SO_REUSEPORT (one more core each).
+    processes: int = 1
+    reuse_port: bool = False  # bind with SO_REUSEPORT (set for every process when processes > 1)
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> ListenerConfig:
@@ -67,6 +79,7 @@ class ListenerConfig:
             network_timeout=d.network_timeout_s,
             maximum_pdu_size=d.max_pdu,
             accept_compressed=d.accept_compressed,
+            processes=d.listener_processes,
         )
 
 
@@ -78,6 +91,7 @@ class ListenerServer:
     config: ListenerConfig
     context: StoreContext
     policy: CallerPolicy = field(repr=False)
+    children: ListenerChildren | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
@@ -92,7 +106,11 @@ class ListenerServer:
         return self.config.ae_title
 
     def shutdown(self) -> None:
+        if self.children is not None:
+            self.children.stop()
         self.server.shutdown()
+        if self.context.writer is not None:
+            self.context.writer.close()
         LOGGER.info("DICOM listener %s on port %d stopped", self.config.ae_title, self.port)
 
     def __enter__(self) -> ListenerServer:
@@ -118,6 +136,28 @@ def _audit_refusal(db: Database) -> Any:
     return audit
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT (node.listener.processes)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _serve(ae: AE, cfg: ListenerConfig, handlers: list[Any]) -> ThreadedAssociationServer:
+    """``AE.start_server(block=False)``, with SO_REUSEPORT when the config asks for it."""
+    if not cfg.reuse_port:
+        server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
+        assert server is not None  # block=False always returns the server
+        return server
+    server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, server_class=_ReusePortServer)
+    ae._servers.append(server)  # as start_server does, so AE.shutdown() stops it too
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{cfg.port}", daemon=True)
+    thread.start()
+    return server
+
+
 def start_listener(
     config: ListenerConfig | LocusSettings,
     db: Database,
@@ -138,18 +178,43 @@ def start_listener(
             ACCEPTED_TRANSFER_SYNTAXES if cfg.accept_compressed else UNCOMPRESSED_TRANSFER_SYNTAXES
         ),
     )
+    if cfg.processes > 1 and on_stored is not None:
+        raise ValueError("an on_stored hook cannot run in other listener processes: use processes=1")
     policy = CallerPolicy(cfg.ae_title, tuple(cfg.allowed_callers))
     if policy.open:
         LOGGER.warning("no calling-AE allow-list configured: any caller may store to %s", cfg.ae_title)
-    ctx = StoreContext(spool=spool, db=db, on_stored=on_stored)
+    writer = IndexWriter(db, sync_parent=spool.sync_parent) if cfg.group_commit else None
+    ctx = StoreContext(spool=spool, db=db, on_stored=on_stored, writer=writer)
     handlers = [
         (evt.EVT_REQUESTED, make_request_handler(policy, _audit_refusal(db))),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
     ]
-    server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
-    assert server is not None  # block=False always returns the server
+    if cfg.processes > 1:
+        cfg = replace(cfg, reuse_port=True)
+    try:
+        server = _serve(ae, cfg, handlers)
+    except BaseException:  # e.g. the port is taken: do not leave the writer thread behind
+        if writer is not None:
+            writer.close()
+        raise
     running = ListenerServer(server=server, config=cfg, context=ctx, policy=policy)
+    if cfg.processes > 1:
+        from node.listener.processes import start_children
+
+        try:
+            running.children = start_children(
+                replace(cfg, port=running.port, processes=1),
+                cfg.processes - 1,
+                database_url=db.url.render_as_string(hide_password=False),
+                sqlite_busy_timeout_ms=db.sqlite_busy_timeout_ms,
+                spool_root=str(spool.root),  # type: ignore[attr-defined]
+                watermark=spool.watermark,  # type: ignore[attr-defined]
+                log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            )
+        except BaseException:
+            running.shutdown()
+            raise
     LOGGER.info(
         "DICOM listener %s on %s:%d (spool %r, %d allowed callers)",
         cfg.ae_title, running.host, running.port, spool, len(policy.allowed),

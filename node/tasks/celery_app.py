@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from node.settings import BrokerSettings
+
 ANALYSE_TASK = "locus.analyse"
 EXPORT_TASK = "locus.export"
 GPU_QUEUE = "gpu"
@@ -25,13 +27,19 @@ IO_QUEUE = "io"
 app = Celery("locus", include=["node.tasks.tasks"])
 
 
-def configure_app(broker_url: str) -> Celery:
+def configure_app(broker: BrokerSettings | str) -> Celery:
     """Point the shared app at a broker; called once per process from an entry point.
 
-    A process that serves several nodes one after another (the test suite, ``locus
-    demo`` after a test) must not keep pooled connections to the previous broker.
+    ``broker`` is the node's broker settings (or just a URL, with their defaults). A
+    process that serves several nodes one after another (the test suite, ``locus demo``
+    after a test) must not keep pooled connections to the previous broker.
     """
-    if app.conf.broker_url and app.conf.broker_url != broker_url:
+    settings = BrokerSettings(url=broker) if isinstance(broker, str) else broker
+    broker_url = settings.url
+    options = _transport_options(settings)
+    if app.conf.broker_url and (
+        app.conf.broker_url != broker_url or dict(app.conf.broker_transport_options or {}) != options
+    ):
         if app._pool is not None:
             app._pool.force_close_all()
         app._pool = None
@@ -52,7 +60,22 @@ def configure_app(broker_url: str) -> Celery:
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
-    if broker_url.split(":", 1)[0] in ("redis", "rediss", "sqs"):
-        # Redeliver an unacknowledged message after this long (the worker was killed).
-        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    app.conf.broker_transport_options = options
     return app
+
+
+def _transport_options(settings: BrokerSettings) -> dict[str, object]:
+    """kombu transport options for the broker's scheme."""
+    scheme = settings.url.split(":", 1)[0]
+    options: dict[str, object] = {}
+    if scheme in ("redis", "rediss", "sqs"):
+        # Redeliver an unacknowledged message after this long (the worker was killed).
+        options["visibility_timeout"] = settings.visibility_timeout_s
+    if scheme in ("redis", "rediss"):
+        # Look for abandoned messages every min(10 s, timeout/2) with no throttle, so
+        # one comes back within about visibility_timeout_s (kombu: 10 s x 10 calls).
+        options["unacked_restore_interval"] = max(1, int(min(10.0, settings.visibility_timeout_s / 2)))
+        options["unacked_restore_throttle"] = 1
+        if settings.key_prefix:
+            options["global_keyprefix"] = settings.key_prefix
+    return options

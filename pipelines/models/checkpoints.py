@@ -265,6 +265,9 @@ def load_checkpoint(path: str | Path, *, key: bytes = UAI_DEFAULT_KEY) -> HclalC
     sd = state["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError("checkpoint 'state_dict' is not a mapping of tensors", code="checkpoint_layout")
+    # Locus-trained demo checkpoints may store floating tensors in float16 to stay small
+    # (metadata ``locus.stored_dtype``); the networks run in float32, so cast here, once.
+    sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in sd.items()}
     known = {
         "net", "state_dict", "spacing", "crop_size", "crop_normalizers", "interpolation", "input_channel",
         "lesion_idx", "max_stride", "sample_method", "epoch", "batch",

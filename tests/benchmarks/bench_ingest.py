@@ -6,16 +6,24 @@ Not a test (no timing assertions). It generates N synthetic CT instances (512×5
 one after another, first over one association and then over four parallel ones:
 
 * Locus: the real listener (``node.listener.server.start_listener``) in its own
-  process, with fsync + atomic rename into the spool and indexing in the results
-  database (SQLite by default, ``--database-url`` for PostgreSQL);
+  process, with its full durability contract before each Success: file fsync, atomic
+  link into the spool, directory fsync, index row committed in the results database
+  (SQLite ``synchronous=FULL`` by default, ``--database-url`` for PostgreSQL), with the
+  group-commit writer. Run once as one process (``locus``) and once with
+  ``--listener-processes`` processes sharing the port (``locus-Np``, SO_REUSEPORT);
 * dcmtk ``storescp`` writing files (no fsync, no index: the upper bound);
-* Orthanc (``/usr/sbin/Orthanc``) with a generated configuration (default storage
-  and SQLite index, fsync on).
+* Orthanc (``/usr/sbin/Orthanc``, Debian 1.10.1) with a generated configuration: its
+  defaults, stated explicitly: ``SyncStorageArea`` true (one fdatasync per stored file,
+  checked with strace), SQLite index in WAL mode with ``synchronous=NORMAL`` (no sync on
+  commit), files written in place (no temporary file, no rename, no directory fsync).
+  Locus therefore does strictly more durable work per instance than Orthanc here.
+  ``--sqlite-normal`` adds a Locus receiver with SQLite ``synchronous=NORMAL``
+  (``locus-norm``), to measure what Locus's ``FULL`` costs.
 
-Prints instances/s and MB/s per receiver and run, and the ratios Locus/Orthanc and
-Locus/storescp. Usage::
+Prints instances/s and MB/s per receiver and run, the load average before and after,
+and the ratios Locus/Orthanc and Locus/storescp. Usage::
 
-    .venv/bin/python tests/benchmarks/bench_ingest.py [--count 300] [--parallel 4]
+    .venv/bin/python tests/benchmarks/bench_ingest.py [--count 300] [--parallel 4] [--listener-processes 2]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,44 +126,81 @@ def generate_ct(out: Path, count: int, groups: int) -> list[list[Path]]:
 
 
 @contextmanager
-def locus_receiver(work: Path, port: int, database_url: str | None) -> Iterator[Callable[[], int]]:
-    """The Locus listener in a child process; yields a function counting indexed instances."""
-    url = database_url or f"sqlite:///{work / 'locus.db'}"
+def locus_receiver(
+    work: Path, port: int, database_url: str | None, processes: int = 1, sync_normal: bool = False
+) -> Iterator[Callable[[], int]]:
+    """The Locus listener in a child process; yields a function counting indexed instances.
+
+    Each run gets an empty index: its own SQLite file, or its own schema in a given
+    PostgreSQL database (created here, dropped afterwards), so a second Locus receiver
+    is not measured on resends of the first one's instances.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    schema = None
+    if database_url is None:
+        url = f"sqlite:///{work / 'locus.db'}"
+    elif make_url(database_url).get_backend_name() == "postgresql":
+        schema = f"locus_bench_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(database_url).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+    else:
+        url = database_url
+    log = (work / "locus.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve-locus", str(port), str(work / "spool"), url],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, __file__, "--serve-locus", str(port), str(work / "spool"), url,
+         "--listener-processes", str(processes), *(["--sqlite-normal"] if sync_normal else [])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
     )
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if "READY" not in line:
-            raise RuntimeError(f"Locus listener did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(f"Locus listener did not start: {line} {(work / 'locus.log').read_text()[-2000:]}")
 
         def total() -> int:
-            from sqlalchemy import create_engine, text
-
             engine = create_engine(url)
             with engine.connect() as c:
                 n = int(c.execute(text("SELECT count(*) FROM instances")).scalar_one())
             engine.dispose()
             return n
 
-        before = total()  # a shared --database-url may hold earlier runs
-        yield lambda: total() - before
+        yield total
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        log.close()
+        if schema is not None:
+            with admin.connect() as c:
+                c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            admin.dispose()
 
 
-def serve_locus(port: int, spool_dir: str, url: str) -> None:
+def serve_locus(port: int, spool_dir: str, url: str, processes: int, sync_normal: bool = False) -> None:
     sys.path.insert(0, str(REPO))
+    from sqlalchemy import event
+
     from node.db.base import Database
     from node.listener.server import ListenerConfig, start_listener
     from node.storage import LocalSpool
 
     db = Database(url)
+    if sync_normal and db.is_sqlite:
+        # Measurement only (--sqlite-normal): the cost of Locus's synchronous=FULL, by
+        # running this one receiver with SQLite's NORMAL (no WAL fsync per commit).
+        @event.listens_for(db.engine, "connect")
+        def _normal(dbapi_connection: object, _record: object) -> None:
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")  # type: ignore[attr-defined]
+
     db.upgrade()
     server = start_listener(
-        ListenerConfig(ae_title="LOCUS", host="127.0.0.1", port=port), db, LocalSpool(spool_dir)
+        ListenerConfig(ae_title="LOCUS", host="127.0.0.1", port=port, processes=processes),
+        db,
+        LocalSpool(spool_dir),
     )
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -196,6 +242,7 @@ def orthanc_receiver(work: Path, port: int) -> Iterator[Callable[[], int]]:
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": False,
         "StorageCompression": False,
+        "SyncStorageArea": True,  # Orthanc's default, stated: fdatasync of every stored file
         "Plugins": [],
         "HttpServerEnabled": True,
     }
@@ -276,11 +323,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--database-url", default=None, help="Locus results database (default: SQLite in the temp dir)")
+    parser.add_argument("--listener-processes", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes of the second Locus receiver (SO_REUSEPORT); 1 = skip it")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--sqlite-normal", action="store_true",
+                        help="add a Locus receiver on SQLite synchronous=NORMAL, to measure the cost of FULL")
     parser.add_argument("--serve-locus", nargs=3, metavar=("PORT", "SPOOL", "URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_locus:
-        serve_locus(int(args.serve_locus[0]), args.serve_locus[1], args.serve_locus[2])
+        serve_locus(int(args.serve_locus[0]), args.serve_locus[1], args.serve_locus[2], args.listener_processes,
+                    args.sqlite_normal)
         return
     for tool in (STORESCU, STORESCP, ORTHANC):
         if not Path(tool).exists():
@@ -291,32 +343,39 @@ def main() -> None:
         data = work / "data"
         one = generate_ct(data / "one", args.count, 1)
         many = generate_ct(data / "many", args.count, args.parallel)
-        receivers = {
-            "locus": lambda w, p: locus_receiver(w, p, args.database_url),
-            "storescp": storescp_receiver,
-            "orthanc": orthanc_receiver,
-        }
+        procs = args.listener_processes
+        receivers = {"locus": lambda w, p: locus_receiver(w, p, args.database_url)}
+        if args.sqlite_normal:
+            receivers["locus-norm"] = lambda w, p: locus_receiver(w, p, args.database_url, 1, sync_normal=True)
+        if procs > 1:
+            receivers[f"locus-{procs}p"] = lambda w, p: locus_receiver(w, p, args.database_url, procs)
+        receivers.update({"storescp": storescp_receiver, "orthanc": orthanc_receiver})
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         results: list[Result] = []
         for groups in (one, many):
             for name, factory in receivers.items():
                 r = run_one(name, factory, work, groups)
                 results.append(r)
                 print(
-                    f"{r.receiver:<9} {r.associations} assoc  {r.instances} inst  {r.seconds:6.2f} s  "
+                    f"{r.receiver:<10} {r.associations} assoc  {r.instances} inst  {r.seconds:6.2f} s  "
                     f"{r.per_s:7.1f} inst/s  {r.mb_s:6.1f} MB/s  stored={r.stored}",
                     flush=True,
                 )
         by = {(r.receiver, r.associations): r for r in results}
         print()
         for n in (1, args.parallel):
-            loc, orth, scp = by[("locus", n)], by[("orthanc", n)], by[("storescp", n)]
-            print(
-                f"{n} association(s): Locus/Orthanc = {loc.per_s / orth.per_s:.2f}, "
-                f"Locus/storescp = {loc.per_s / scp.per_s:.2f}"
-            )
+            orth, scp = by[("orthanc", n)], by[("storescp", n)]
+            for name in receivers:
+                if name.startswith("locus"):
+                    loc = by[(name, n)]
+                    print(
+                        f"{n} association(s), {name}: Locus/Orthanc = {loc.per_s / orth.per_s:.2f}, "
+                        f"Locus/storescp = {loc.per_s / scp.per_s:.2f}"
+                    )
         incomplete = [r for r in results if r.stored != r.instances]
         if incomplete:
             print("WARNING: not every instance was stored:", [(r.receiver, r.associations, r.stored) for r in incomplete])
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"(one machine, {os.cpu_count()} CPUs; Locus database: {args.database_url or 'SQLite'})")
     finally:
         if args.keep:

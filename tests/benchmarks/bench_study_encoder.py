@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--relevance", action="store_true",
+                    help="also time one attention x gradient relevance map (explicit attention + backward)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +84,15 @@ def main() -> None:
                   f"{tm['forward_s']:.2f} s + zero-shot {tm['zeroshot_s'] * 1000:.1f} ms "
                   f"(HLIP README: ~0.1 s/study on GPU; ratio {total / 0.1:.0f}x)")  # fmt: skip
         print("crop:", out.crop_description)
+        if args.relevance:
+            from pipelines.models.study_encoder import interpret
+
+            print(f"peak RSS before the relevance map {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+            t = time.perf_counter()
+            rmap = interpret.relevance_map(enc, ct, "pleural_effusion", body_part_examined="WHOLEBODY")
+            took = time.perf_counter() - t
+            print(f"relevance map ({rmap.volume.array.shape} voxels): {took:.2f} s, "
+                  f"{took / total:.1f}x the encoding of the same study")  # fmt: skip
         print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         if args.device.startswith("cuda"):
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")

@@ -107,6 +107,17 @@ def exported_reports(node: RunningNode, study_uid: str, n: int = 1) -> list[dict
     return reports if len(reports) >= n else None
 
 
+def analysed_detail(node: RunningNode, study_uid: str) -> dict[str, Any] | None:
+    """The study's detail once a report exists (fails fast if any analysis failed)."""
+    with node.ctx.db.session() as s:
+        detail = repo.study_detail(s, study_uid)
+    if not detail:
+        return None
+    failed = [v.get("analysis") for v in detail["versions"] if (v.get("analysis") or {}).get("status") == "failed"]
+    assert not failed, f"analysis failed: {failed}"
+    return detail if detail["reports"] else None
+
+
 def test_storescu_to_locus_to_storescp(tmp_path: Path) -> None:
     pacs_port, port = free_port(), free_port()
     settings = _settings(

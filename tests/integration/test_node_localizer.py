@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -25,7 +24,6 @@ from sqlalchemy import select
 
 from library import load_library
 from node.cli import main as locus_cli
-from node.db import Database, repo
 from node.db.models import Lesion
 from pipelines.sr.reader import read_measurement_report
 from tests.conftest import free_port
@@ -34,12 +32,12 @@ from tests.integration.test_node_end_to_end import (
     EXPECTED_LESIONS,
     SENDER_AE,
     _settings,
+    analysed_detail,
     running,
     storescu,
     study_files,
     wait_for,
 )
-from tests.node.conftest import pg_schema_url, require_postgres  # noqa: F401 - fixture
 from tests.pipelines.localizer import factory as F
 from tests.pipelines.localizer.conftest import COARSE, FINE
 
@@ -52,28 +50,6 @@ REGIONS = ("Neck", "Chest", "Abdomen", "Pelvis", "Axial skeleton")
 def release_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return F.write_release_dir(tmp_path_factory.mktemp("node_release"), coarse=COARSE, fine=FINE,
                                regions=REGIONS, seeds=(31, 32))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Database settings: the embedded default, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        return {}
-    require_postgres()
-    url = request.getfixturevalue("pg_schema_url")
-    Database(url).upgrade()  # production databases are migrated by `locus db upgrade`, not by the node
-    return {"url": url}
-
-
-def _analysed(node: Any, study_uid: str) -> dict[str, Any] | None:
-    with node.ctx.db.session() as s:
-        detail = repo.study_detail(s, study_uid)
-    if not detail:
-        return None
-    analyses = [v.get("analysis") or {} for v in detail["versions"]]
-    failed = [a for a in analyses if a.get("status") == "failed"]
-    assert not failed, f"analysis failed: {failed}"
-    return detail if detail["reports"] else None
 
 
 def test_node_records_localizer_sites(release_dir: Path, database: dict[str, str], tmp_path: Path) -> None:
@@ -91,7 +67,7 @@ def test_node_records_localizer_sites(release_dir: Path, database: dict[str, str
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with running(settings) as node:
         storescu(port, files)
-        detail = wait_for(lambda: _analysed(node, study_uid), 300, "the analysis and report")
+        detail = wait_for(lambda: analysed_detail(node, study_uid), 300, "the analysis and report")
         with node.ctx.db.session() as s:
             rows = s.scalars(select(Lesion).order_by(Lesion.lesion_id)).all()
             lesions = [(r.lesion_id, r.site_id, r.site_code, r.site_scheme, r.site_name, r.model_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -232,6 +233,68 @@ def test_late_instance_before_analysis_supersedes_the_waiting_version(database: 
         assert repo.claim_analysis(s, v2, at(122))
         kinds = list(s.scalars(select(AuditEvent.kind).where(AuditEvent.kind != "received").order_by(AuditEvent.id)))
     assert kinds == ["complete", "queued", "superseded", "complete", "started"]
+
+
+def _broker_messages(broker_url: str, queue: str) -> list[list[object]]:
+    """Drain ``queue`` of the real (embedded) broker; the analysis task's positional args."""
+    from kombu import Connection
+
+    args: list[list[object]] = []
+    with Connection(broker_url) as conn:
+        q = conn.SimpleQueue(queue)
+        while True:
+            try:
+                message = q.get(timeout=0.5)
+            except q.Empty:
+                break
+            args.append(list(message.payload[0]))  # Celery message protocol 2: [args, kwargs, embed]
+            message.ack()
+        q.close()
+    return args
+
+
+def test_versions_queued_too_long_are_enqueued_again_once_and_audited(database: Database, tmp_path: Path) -> None:
+    """A lost broker message must not leave a version queued forever (re-published, audited)."""
+    from node.service import requeue_stale
+    from node.settings import LocusSettings
+    from node.storage import LocalSpool
+    from node.tasks.celery_app import GPU_QUEUE, configure_app
+    from node.tasks.context import WorkerContext
+
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    settings = LocusSettings.load(
+        None,
+        storage={"data_dir": str(tmp_path)},
+        broker={"url": broker},
+        completion={"series_quiet_s": 5, "study_quiet_s": 60, "force_complete_s": 300, "requeue_stale_s": 120},
+    )
+    ctx = WorkerContext(settings=settings, db=database, spool=LocalSpool(tmp_path / "spool"))
+    configure_app(settings.broker)
+
+    receive(database, CT, "CT", range(1, 3), at(0))
+    receive(database, PET, "PT", range(1, 3), at(0))
+    (v1,) = sweep(database, at(60))
+    with database.session() as s:
+        repo.mark_queued(s, [v1], at(60))  # ... and its message is lost: nothing in the broker
+
+    assert requeue_stale(ctx, at(60 + 119)) == []  # not stale yet
+    assert requeue_stale(ctx, at(60 + 121)) == [v1]
+    assert requeue_stale(ctx, at(60 + 122)) == []  # queued_at restarted: not re-sent every sweep
+    assert _broker_messages(broker, GPU_QUEUE) == [[v1]]
+
+    with database.session() as s:
+        row = s.scalars(select(StudyVersion).where(StudyVersion.id == v1)).one()
+        assert (row.state, row.queued_at) == ("queued", at(181))
+        audit = s.scalars(select(AuditEvent).where(AuditEvent.kind == "requeued")).one()
+        assert audit.study_uid == STUDY
+        assert audit.detail == {"version": 1, "reason": "stale_queued", "queued_for_s": 121.0}
+
+    # Still unclaimed after another bound: sent again. Once claimed: never again.
+    assert requeue_stale(ctx, at(181 + 121)) == [v1]
+    with database.session() as s:
+        assert repo.claim_analysis(s, v1, at(400))
+    assert requeue_stale(ctx, at(10_000)) == []
+    assert _broker_messages(broker, GPU_QUEUE) == [[v1]]
 
 
 # ----------------------------------------------------------------- exactly once

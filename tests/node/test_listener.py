@@ -7,9 +7,14 @@ spool in tmp_path, sends real C-STOREs, and checks the answer, the spool and the
 from __future__ import annotations
 
 import copy
+import errno
+import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,15 +31,17 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from node.db import repo
 from node.db.base import Database
 from node.db.models import AuditEvent, Instance, Series
 from node.listener.ae import AllowedCaller, CallerPolicy
+from node.listener.index_writer import DirectorySyncError, IndexWriter, IndexWriterStopped
 from node.listener.server import ListenerConfig, ListenerServer, start_listener
 from node.listener.status import StoreStatus
 from node.storage import LocalSpool, Watermark
+from pipelines.errors import InputError
 from tests.conftest import dcmtk, dcmtk_env, free_port
 
 pytestmark = pytest.mark.network
@@ -512,4 +519,255 @@ def test_settings_adapter(tmp_path: Path) -> None:
     spool = LocalSpool.from_settings(settings.storage)
     assert spool.root == (tmp_path / "spool").resolve()
     assert spool.watermark.min_free_fraction == pytest.approx(0.05)
+
+
+
+# ------------------------------------------------------------------ group commit (index_writer)
+
+GC_STUDY = "1.2.826.0.1.3680043.10.77.1"
+GC_SERIES = "1.2.826.0.1.3680043.10.77.2"
+NOW = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+
+
+def _rec(n: int, *, series: str = GC_SERIES) -> repo.InstanceRecord:
+    sop = f"{GC_SERIES}.{n}"
+    return repo.InstanceRecord(
+        study_uid=GC_STUDY, series_uid=series, sop_uid=sop, sop_class_uid=str(CTImageStorage),
+        modality="CT", transfer_syntax="1.2.840.10008.1.2.1", path=f"{GC_STUDY}/{series}/{sop}.dcm",
+        size_bytes=1000, calling_ae="TESTSCU", instance_number=n,
+    )
+
+
+def _row_counts(db: Database) -> tuple[int, int, int]:
+    """(instances, studies, received audit rows), read on another connection."""
+    from node.db.models import Study
+
+    with db.session(readonly=True) as s:
+        return (
+            len(list(s.scalars(select(Instance.id)))),
+            len(list(s.scalars(select(Study.id)))),
+            len(list(s.scalars(select(AuditEvent.id).where(AuditEvent.kind == "received")))),
+        )
+
+
+class _CommitGate:
+    """Holds the writer inside its next COMMIT until released; can make commits fail."""
+
+    def __init__(self, db: Database) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail: Exception | None = None
+        event.listen(db.engine, "commit", self._on_commit)
+        self._db = db
+
+    def _on_commit(self, _conn: Any) -> None:
+        self.entered.set()
+        assert self.release.wait(20), "test never released the commit"
+        if self.fail is not None:
+            raise self.fail
+
+    def remove(self) -> None:
+        event.remove(self._db.engine, "commit", self._on_commit)
+
+
+def _record_in_threads(
+    writer: IndexWriter, records: list[repo.InstanceRecord]
+) -> tuple[dict[int, Any], list[threading.Thread]]:
+    results: dict[int, Any] = {}
+
+    def call(i: int, rec: repo.InstanceRecord) -> None:
+        try:
+            results[i] = writer.record(rec, NOW)
+        except Exception as exc:  # the answer a C-STORE would turn into a status
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate(records)]
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+def test_group_commit_answers_each_store_only_after_its_commit(db: Database) -> None:
+    gate = _CommitGate(db)
+    writer = IndexWriter(db)
+    try:
+        first, t0 = _record_in_threads(writer, [_rec(0)])
+        assert gate.entered.wait(10)  # batch 1 (record 0) is inside COMMIT, held there
+        rest, ts = _record_in_threads(writer, [_rec(n) for n in range(1, 8)])
+        time.sleep(0.3)  # the seven records queue behind the held transaction
+        assert first == {} and rest == {}  # nobody is answered before the commit
+        assert _row_counts(db) == (0, 0, 0)  # and nothing is visible before it either
+        gate.release.set()
+        for t in t0 + ts:
+            t.join(10)
+    finally:
+        gate.remove()
+        writer.close()
+    assert isinstance(first[0], repo.RecordOutcome) and first[0].new
+    assert all(isinstance(r, repo.RecordOutcome) and r.new for r in rest.values()) and len(rest) == 7
+    assert _row_counts(db) == (8, 1, 8)
+    assert (writer.batches, writer.records) == (2, 8)  # the seven waiting records: one transaction
+    with db.session(readonly=True) as s:
+        series = s.scalars(select(Series)).one()
+        assert series.instance_count == 8
+
+
+def test_group_commit_failure_fails_every_waiting_store_and_indexes_nothing(db: Database) -> None:
+    gate = _CommitGate(db)
+    gate.fail = RuntimeError("disk I/O error (injected)")
+    writer = IndexWriter(db)
+    try:
+        first, t0 = _record_in_threads(writer, [_rec(0)])
+        assert gate.entered.wait(10)
+        rest, ts = _record_in_threads(writer, [_rec(n) for n in range(1, 6)])
+        time.sleep(0.3)
+        gate.release.set()
+        for t in t0 + ts:
+            t.join(10)
+        answers = [first[0], *rest.values()]
+        assert len(answers) == 6 and all(isinstance(a, RuntimeError) for a in answers)
+        assert _row_counts(db) == (0, 0, 0)  # rolled back as a whole: nothing half-indexed
+
+        gate.fail = None  # the writer survives a failed batch; a resend is indexed
+        assert writer.record(_rec(0), NOW).new
+    finally:
+        gate.remove()
+        writer.close()
+    assert _row_counts(db) == (1, 1, 1)
+
+
+def test_group_commit_refused_record_is_undone_alone(db: Database) -> None:
+    writer = IndexWriter(db)
+    try:
+        assert writer.record(_rec(1), NOW).new
+        gate = _CommitGate(db)
+        try:
+            held, t0 = _record_in_threads(writer, [_rec(2)])
+            assert gate.entered.wait(10)
+            # Same SOP Instance UID as record 1 under another series: uid_conflict.
+            batch, ts = _record_in_threads(writer, [_rec(3), _rec(1, series=GC_SERIES + ".9"), _rec(4)])
+            time.sleep(0.3)
+            gate.release.set()
+            for t in t0 + ts:
+                t.join(10)
+        finally:
+            gate.remove()
+    finally:
+        writer.close()
+    assert held[0].new and batch[0].new and batch[2].new
+    assert isinstance(batch[1], InputError) and batch[1].code == "uid_conflict"
+    assert sorted(_instances(db)) == [f"{GC_SERIES}.{n}" for n in (1, 2, 3, 4)]
+    with db.session(readonly=True) as s:  # the refused record left no series behind
+        assert [x.series_uid for x in s.scalars(select(Series))] == [GC_SERIES]
+
+
+def test_group_commit_directory_sync_failure_and_stopped_writer(db: Database) -> None:
+    def broken_sync(relpath: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    writer = IndexWriter(db, sync_parent=broken_sync)
+    with pytest.raises(DirectorySyncError, match="fsync of spool directory"):
+        writer.record(_rec(1), NOW, relpath_to_sync=_rec(1).path)
+    assert _row_counts(db) == (0, 0, 0)
+    writer.close()
+    assert not writer.running
+    with pytest.raises(IndexWriterStopped):
+        writer.record(_rec(2), NOW)
+
+
+def test_listener_answers_failure_to_every_store_of_a_failed_group_commit(
+    db: Database, spool: LocalSpool, data_dir: Path
+) -> None:
+    """Through real associations: a failed index transaction is 0xA701 for each, no row."""
+    gate = _CommitGate(db)
+    gate.fail = RuntimeError("database is locked (injected)")
+    gate.release.set()
+    base = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+    statuses: list[int] = []
+
+    def send(n: int) -> None:
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = f"{GC_SERIES}.{n}", generate_uid()
+        statuses.extend(int(s.Status) for s in _send(server, [ds]))
+
+    try:
+        with _start(db, spool) as server:
+            threads = [threading.Thread(target=send, args=(n,)) for n in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+    finally:
+        gate.remove()
+    assert statuses == [StoreStatus.INDEX_UNAVAILABLE] * 3
+    assert _instances(db) == {}
+
+
+def test_listener_directory_sync_failure_answers_out_of_resources(
+    db: Database, spool: LocalSpool, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_sync(relpath: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool, "sync_parent", broken_sync)
+    with _start(db, spool) as server:
+        (status,) = _send(server, [data_dir / CT_DIR / "01.dcm"])
+    assert status.Status == StoreStatus.OUT_OF_RESOURCES
+    assert "spool sync failed" in status.ErrorComment
+    assert _instances(db) == {}
+    assert [r["code"] for r in _rejections(db)] == ["write_failed"]
+
+
+# ------------------------------------------------------------------ listener processes (SO_REUSEPORT)
+
+
+def test_listener_processes_share_the_port_and_a_dead_one_is_restarted(
+    db: Database, spool: LocalSpool, data_dir: Path
+) -> None:
+    server = _start(db, spool, processes=2)
+    own_socket_closed = False
+    try:
+        assert server.children is not None and len(server.children.pids) == 1
+        (child,) = server.children.pids
+        # Close this process's own socket: from now on only the child can accept.
+        server.server.shutdown()
+        server.server.server_close()
+        own_socket_closed = True
+        ds = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+        assert _send(server, [ds])[0].Status == 0
+        assert set(_instances(db)) == {str(ds.SOPInstanceUID)}  # indexed by the child's writer
+
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.children.pids in ([], [child]):
+            time.sleep(0.2)
+        (restarted,) = server.children.pids
+        assert restarted != child
+        ds2 = copy.deepcopy(ds)
+        ds2.SOPInstanceUID = generate_uid()
+        assert _send(server, [ds2])[0].Status == 0
+        assert len(_instances(db)) == 2
+    finally:
+        if own_socket_closed:  # stop what is left of the listener
+            assert server.children is not None and server.context.writer is not None
+            server.children.stop()
+            server.context.writer.close()
+        else:
+            server.shutdown()
+    assert server.children.pids == []
+
+
+def test_file_meta_encoded_as_pynetdicom_would() -> None:
+    """The hand-encoded File Meta group equals pydicom's encoding of pynetdicom's file_meta."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from node.listener.handlers import file_meta_bytes
+
+    for sop_class, sop, ts in (
+        (str(CTImageStorage), "1.2.3.4", "1.2.840.10008.1.2.1"),  # odd-length UIDs: NUL padded
+        ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.45", "1.2.840.10008.1.2"),
+        (LABELMAP_SEG, generate_uid(), str(JPEG2000Lossless)),
+    ):
+        meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=ts)
+        assert file_meta_bytes(sop_class, sop, ts) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
 

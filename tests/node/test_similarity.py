@@ -129,3 +129,100 @@ def test_cli_json(filled: tuple[Database, np.ndarray], monkeypatch: pytest.Monke
     assert [r["study_uid"] for r in data["results"]] == brute_force(vecs, 3, 3)
     text = CliRunner().invoke(similar, ["9.9.9"], obj=settings)
     assert text.exit_code == 1 and "no_embedding" in text.output
+
+
+# ----------------------------------------------------------------- packed search copy
+
+
+def reference_search(session, study_uid: str, model_id: str, k: int) -> list[tuple[str, int, float]]:  # type: ignore[no-untyped-def]
+    """Brute force from the source rows (``study_embeddings``, latest version per study) in float64."""
+    from node.db.embeddings import model_vectors
+
+    rows = model_vectors(session, model_id)
+    ref = next(r for r in rows if r.study_uid == study_uid)
+    qv = np.frombuffer(ref.vector, "<f4").astype(np.float64)
+    scored = []
+    for r in rows:
+        if r.study_uid == study_uid or r.preprocessing_version != ref.preprocessing_version:
+            continue
+        v = np.frombuffer(r.vector, "<f4").astype(np.float64)
+        scored.append((-float(v @ qv / (np.linalg.norm(v) * np.linalg.norm(qv))), r.study_uid, r.version))
+    return [(uid, ver, -s) for s, uid, ver in sorted(scored)[:k]]
+
+
+def test_packs_follow_random_store_sequences(database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New versions, replacements, late older versions, another preprocessing: search stays exact."""
+    from node.db import embedding_packs
+
+    monkeypatch.setattr(embedding_packs, "PACK_SIZE", 4)  # many packs, partial last packs
+    rng = np.random.default_rng(11)
+    versions: dict[str, int] = {}
+    for step in range(60):
+        uid = f"1.2.840.77.{int(rng.integers(15))}"
+        with database.session() as s:
+            op = rng.choice(["new", "new", "replace", "late", "prep"]) if uid in versions else "new"
+            if op in ("new", "prep"):
+                versions[uid] = versions.get(uid, 0) + 1
+                vid = add_version(s, uid, versions[uid])
+            else:
+                vid = s.query(StudyVersion).join(Study).filter(
+                    Study.study_uid == uid, StudyVersion.version == (1 if op == "late" else versions[uid])).one().id
+            repo.store_embedding(s, vid, model_id=MODEL, vector=rng.normal(size=6).astype(np.float32).tolist(),
+                                 preprocessing_version="p2" if op == "prep" else "p1", now=T0)  # fmt: skip
+        if step % 10 == 9:
+            with database.session(readonly=True) as s:
+                assert embedding_packs.verify(s) == []
+                for query in sorted(versions)[:4]:
+                    res = find_similar(s, query, k=5, model_id=MODEL)
+                    got = [(h.study_uid, h.version, h.similarity) for h in res.results]
+                    want = reference_search(s, query, MODEL, 5)
+                    assert [g[:2] for g in got] == [w[:2] for w in want]
+                    assert [g[2] for g in got] == pytest.approx([w[2] for w in want], abs=1e-5)
+
+
+def test_rebuild_restores_packs_after_bulk_load(filled: tuple[Database, np.ndarray]) -> None:
+    from node.db import embedding_packs
+    from node.db.models import StudyEmbeddingPack
+
+    database, vecs = filled
+    with database.session() as s:
+        s.query(StudyEmbeddingPack).delete()
+        assert embedding_packs.verify(s)  # every entry is missing now
+        assert embedding_packs.rebuild(s) == 35
+        assert embedding_packs.verify(s) == []
+    with database.session(readonly=True) as s:
+        assert [h.study_uid for h in find_similar(s, "1.2.840.99.3", k=5, model_id=MODEL).results] == \
+            brute_force(vecs, 3, 5)  # fmt: skip
+
+
+def test_migration_backfills_packs_from_existing_rows(db_url: str) -> None:
+    from sqlalchemy import insert
+
+    from node.db import embedding_packs
+    from node.db.models import StudyEmbedding
+
+    db = Database(db_url)
+    try:
+        db.upgrade("0002")
+        rng = np.random.default_rng(5)
+        vecs = rng.normal(size=(300, 4)).astype("<f4")
+        # tables other than the packs are the same at 0002 and at head: Core inserts of the models
+        with db.engine.begin() as conn:
+            conn.execute(insert(Study), [dict(id=i, study_uid=f"1.2.9.{i}", status="analysed", first_received_at=T0,
+                                              last_received_at=T0) for i in range(1, 201)])  # fmt: skip
+            conn.execute(insert(StudyVersion), [dict(id=i + 1, study_id=i % 200 + 1, version=i // 200 + 1,
+                                                     state="analysed", completion_rule="t", ready_at=T0,
+                                                     instance_count=1, instance_set_hash="0" * 64)
+                                                for i in range(300)])  # studies 1..100 get two versions; fmt: skip
+            conn.execute(insert(StudyEmbedding), [dict(study_version_id=i + 1, model_id=MODEL, dim=4,
+                                                       preprocessing_version="p1", vector=v.tobytes(), created_at=T0)
+                                                  for i, v in enumerate(vecs)])  # fmt: skip
+        db.upgrade()
+        with db.session(readonly=True) as s:
+            assert embedding_packs.verify(s) == []
+            assert embedding_packs.group_dims(s, MODEL) == {"p1": (4, 200)}
+            res = find_similar(s, "1.2.9.7", k=3)
+            assert [(h.study_uid, h.version) for h in res.results] == \
+                [(u, v) for u, v, _ in reference_search(s, "1.2.9.7", MODEL, 3)]  # fmt: skip
+    finally:
+        db.dispose()

@@ -129,3 +129,24 @@ def test_sweep_partials_and_shared_mount_reader(tmp_path: Path) -> None:
     assert reader.exists(rel) and reader.open(rel).read() == b"abc"
     with pytest.raises(FileNotFoundError):
         LocalSpool(tmp_path / "missing", create=False)
+
+
+def test_directory_fsync_left_to_the_caller_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync_dir=False`` (group commit): the file is fsynced, its directory only by sync_parent."""
+    spool = LocalSpool(tmp_path / "spool")
+    spool.put_atomic(STUDY, SERIES, "1.2.3.0", b"first")  # creates (and syncs) the directories
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    rel = spool.put_atomic(STUDY, SERIES, SOP, b"data", sync_dir=False)
+    assert synced == ["file"] and spool.path(rel).read_bytes() == b"data"
+    spool.sync_parent(rel)
+    assert synced == ["file", "dir"]
+    synced.clear()
+    spool.put_atomic(STUDY, SERIES, "1.2.3.9", b"more")  # the default keeps the directory fsync
+    assert synced == ["file", "dir"]

@@ -195,6 +195,23 @@ def _build_stage(
     )
 
 
+def fitted_temperatures(coarse: HclalCheckpoint, fine: HclalCheckpoint) -> tuple[float, float] | None:
+    """(coarse T, fine T) fitted by ``locus train calibrate`` and stored in both checkpoints' ``locus`` metadata.
+
+    None unless *both* stages carry a positive fitted temperature: a probability is only
+    called calibrated when it was calibrated.
+    """
+    temps = []
+    for ckpt in (coarse, fine):
+        meta = ckpt.extra.get("locus")
+        cal = meta.get("calibration") if isinstance(meta, dict) else None
+        t = cal.get("temperature") if isinstance(cal, dict) else None
+        if not isinstance(t, (int, float)) or not t > 0:
+            return None
+        temps.append(float(t))
+    return temps[0], temps[1]
+
+
 def _checked_options(geometry_mode: str, device: str | torch.device) -> torch.device:
     """Validate the run-time options shared by :meth:`Localizer.load` and ``from_checkpoints``."""
     if geometry_mode not in GEOMETRY_MODES:
@@ -266,7 +283,9 @@ class Localizer:
 
         ``expected`` (a registry entry) pins the four files' hashes; a mismatch is a
         :class:`ModelError`.  ``temperatures`` = (coarse T, fine T) fitted on site data
-        enables ``calibrated_probability``; without them no calibration is claimed.
+        enables ``calibrated_probability``; when not given, temperatures fitted by
+        ``locus train calibrate`` and stored in both checkpoints are used
+        (:func:`fitted_temperatures`); without either no calibration is claimed.
         """
         dev = _checked_options(geometry_mode, device)  # before reading ~0.75 GB of checkpoints
         vocab = Vocabulary.load(vocabulary_json, descriptions_json)
@@ -299,6 +318,8 @@ class Localizer:
     ) -> Localizer:
         """Build from already-read checkpoints (what :meth:`load` does after reading files)."""
         dev = _checked_options(geometry_mode, device)
+        if temperatures is None:
+            temperatures = fitted_temperatures(coarse_ckpt, fine_ckpt)
         spec = LocalizerSpec(
             model_id=model_id or (expected.model_id if expected else default_model_id(coarse_ckpt.sha256, fine_ckpt.sha256)),
             coarse=PinnedFile(coarse_ckpt.path, coarse_ckpt.sha256),

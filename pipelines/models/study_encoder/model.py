@@ -208,17 +208,25 @@ class StudyEncoder:
         param = next(self.model.parameters())
         return self.model.encode_image(x.to(param.device, param.dtype), normalize=True).float()
 
-    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding:
-        """Encode one chest-covering CT; raises :class:`InputError` (``ct_not_chest``) otherwise."""
+    def prepare(self, ct: Volume, *, body_part_examined: str | None = None
+                ) -> tuple[thorax.ThoraxSelection, preprocess.PreparedInput]:  # fmt: skip
+        """Thorax selection + published chest-CT preprocessing (what :meth:`encode` feeds the model).
+
+        Raises :class:`InputError` (``ct_not_chest``) for a CT without detectable lungs.
+        """
         if self.spec.max_num_scans != 1:  # only single-scan (chest CT) preprocessing is implemented
             raise ModelError(f"no preprocessing implemented for {self.config.model_name}", code="preprocessing_unknown")
-        t0 = time.perf_counter()
         sel = thorax.select_thorax(ct, body_part_examined, max_chest_extent_mm=self.config.max_chest_extent_mm)
         if not sel.covers_chest:
             raise InputError(f"CT series {ct.series_instance_uid} does not cover the chest: {sel.reason}",
                              code="ct_not_chest")  # fmt: skip
         params = preprocess.ChestCtParams(size_zyx=self.spec.img_size)
-        prepared = preprocess.preprocess_chest_ct(ct, centre_lps=sel.centre_lps, params=params)
+        return sel, preprocess.preprocess_chest_ct(ct, centre_lps=sel.centre_lps, params=params)
+
+    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding:
+        """Encode one chest-covering CT; raises :class:`InputError` (``ct_not_chest``) otherwise."""
+        t0 = time.perf_counter()
+        sel, prepared = self.prepare(ct, body_part_examined=body_part_examined)
         t1 = time.perf_counter()
         emb = self.embed(prepared.tensor)
         t2 = time.perf_counter()
@@ -227,13 +235,6 @@ class StudyEncoder:
         lo, hi = prepared.crop_lps_min, prepared.crop_lps_max
         crop = (f"{sel.describe()}; crop LPS x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f}, "
                 f"z {lo[2]:.0f}..{hi[2]:.0f} mm; axes {prepared.description['axes']}")  # fmt: skip
-        flags = []
-        if not preprocess.ORIENTATION_VALIDATED:
-            flags.append(Flag("hlip_orientation_unvalidated", "the CT axis orientation expected by the HLIP chest model "
-                              "has not been validated on a CT-RATE reference case"))  # fmt: skip
-        if sel.mode == "lung_centred":
-            flags.append(Flag("hlip_thorax_cropped", "whole-body CT cropped to a 336 mm slab around the lungs; "
-                              "the model was trained on diagnostic chest CT"))  # fmt: skip
         return StudyEncoding(
             model=self.model_info,
             embedding=tuple(float(v) for v in emb[0].tolist()),
@@ -241,8 +242,20 @@ class StudyEncoder:
             prompt_set_version=f"{self.prompts.name}/{self.prompts.version}",
             findings=zeroshot.to_findings(scores, self.prompts, self.config.thresholds),
             crop_description=crop,
-            flags=tuple(flags),
+            flags=input_flags(sel),
         )
+
+
+def input_flags(sel: thorax.ThoraxSelection) -> tuple[Flag, ...]:
+    """What a reader of any output of this encoder must know about its input (SR, DB, maps)."""
+    flags = []
+    if not preprocess.ORIENTATION_VALIDATED:
+        flags.append(Flag("hlip_orientation_unvalidated", "the CT axis orientation expected by the HLIP chest model "
+                          "has not been validated on a CT-RATE reference case"))  # fmt: skip
+    if sel.mode == "lung_centred":
+        flags.append(Flag("hlip_thorax_cropped", "whole-body CT cropped to a 336 mm slab around the lungs; "
+                          "the model was trained on diagnostic chest CT"))  # fmt: skip
+    return tuple(flags)
 
 
 def _trunk_name(model_name: str) -> str:

@@ -40,9 +40,10 @@ def write_text_dir(path: Path, words: set[str]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hlip-tiny")
+def build_tiny_hlip(root: Path, *, seed: int = 1234) -> dict[str, Path]:
+    """Write a tiny random-weight HLIP checkpoint (published training-dict layout, DDP ``module.``
+    prefix), its open_clip config and a toy BERT text directory under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
     prompts = load_prompt_set()
     words = set()
     for f in prompts.findings:
@@ -50,7 +51,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             words |= set(re.findall(r"[a-z]+|[^a-z\s]", text.lower()))
     text_dir = write_text_dir(root / "text", words)
     cfg_dir = root / "configs"
-    cfg_dir.mkdir()
+    cfg_dir.mkdir(exist_ok=True)
     (cfg_dir / f"{TINY_MODEL}.json").write_text(json.dumps({
         "embed_dim": 16,
         "custom_text": True,
@@ -64,7 +65,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from pipelines.models.study_encoder.model import build_model, register_configs
 
     register_configs(cfg_dir)
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     model = build_model(TINY_MODEL, text_dir)
     with torch.no_grad():  # make the frozen/zero-initialised tensors non-trivial too
         model.visual.trunk.cls_token.normal_(0, 0.5)
@@ -73,3 +74,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = root / "epoch_1.pt"
     torch.save({"epoch": 1, "name": "tiny", "state_dict": sd, "optimizer": {}, "scaler": {}}, ckpt)
     return {"root": root, "text": text_dir, "configs": cfg_dir, "checkpoint": ckpt}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_hlip(tmp_path_factory.mktemp("hlip-tiny"))

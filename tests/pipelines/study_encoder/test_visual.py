@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from pipelines.errors import ModelError
 from pipelines.models.study_encoder import visual

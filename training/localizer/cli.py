@@ -1,0 +1,124 @@
+"""``locus train ...``: localizer training commands, attached to ``locus`` through the
+``locus.commands`` entry-point group (the node never imports :mod:`training`).
+
+Every command takes ``--out`` (the HCL-AL release directory written), ``--work`` (run
+state; default: a per-``--out`` directory under the system temp dir), ``--seed``,
+``--device`` and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+REPO_DEMO_DIR = Path(__file__).resolve().parents[2] / "node" / "demo_localizer"
+
+
+def _options(f):  # type: ignore[no-untyped-def]
+    f = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(f)
+    f = click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Dataset directory in HCL-AL's layout (HCL-AL data or `locus dataset export`) instead of "
+                          "phantoms; split 80/10/10 by study id.")(f)
+    f = click.option("--resume", is_flag=True, help="Continue from the last saved training state in --work.")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling, augmentation and init.")(f)
+    f = click.option("--preset", type=click.Choice(["demo", "hcl-al"]), default="demo", show_default=True,
+                     help="Run specification used when --work has none yet.")(f)
+    f = click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Run state directory (crop banks, training states, report).")(f)
+    f = click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Output HCL-AL release directory (coarse/, fine/, vocabulary JSONs).")(f)
+    return f
+
+
+def _open(out: Path, work: Path | None, preset: str, seed: int, device: str, progress: bool,  # type: ignore[no-untyped-def]
+          data: Path | None = None):
+    from training.localizer.pipeline import PRESETS, Run, default_work_dir, with_dataset
+
+    logging.getLogger("training").setLevel(logging.INFO)
+    work = work or default_work_dir(out)
+    spec = None
+    if not (work / "run.json").is_file():
+        spec = PRESETS[preset](seed)
+        if data is not None:
+            spec = with_dataset(spec, data)
+    click.echo(f"run state: {work}", err=True)
+    return Run.open(out, work, spec, device=device, progress=progress)
+
+
+@click.group()
+def train() -> None:
+    """Train, calibrate and evaluate the HCL-AL-compatible localizer (needs the `train` extra)."""
+
+
+@train.command()
+@_options
+def coarse(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool, no_progress: bool,
+           data: Path | None) -> None:
+    """Train the coarse stage and write OUT/coarse/params.pth."""
+    run = _open(out, work, preset, seed, device, not no_progress, data)
+    click.echo(str(run.train("coarse", resume=resume)))
+
+
+@train.command()
+@_options
+def fine(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool, no_progress: bool,
+           data: Path | None) -> None:
+    """Train the fine stage (uses the coarse stage's rankings) and write OUT/fine/params.pth."""
+    run = _open(out, work, preset, seed, device, not no_progress, data)
+    click.echo(str(run.train("fine", resume=resume)))
+
+
+@train.command()
+@_options
+def calibrate(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
+              no_progress: bool, data: Path | None) -> None:
+    """Fit one temperature per stage on the validation split; store it in both checkpoints."""
+    run = _open(out, work, preset, seed, device, not no_progress, data)
+    click.echo(json.dumps(run.calibrate(), indent=2))
+
+
+@train.command()
+@_options
+def evaluate(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
+             no_progress: bool, data: Path | None) -> None:
+    """Evaluate OUT on the held-out split (HCL-AL protocol); HTML report in WORK/report."""
+    run = _open(out, work, preset, seed, device, not no_progress, data)
+    m = run.evaluate()
+    click.echo(f"final top-1 {m['final_top1']:.3f}  top-3 {m['final_top3']:.3f}  coarse top-1 {m['coarse_top1']:.3f}"
+               f"  top-3 {m['coarse_top3']:.3f}  (n={m['n']}, {m['label']})")
+    click.echo(f"report: {run.work / 'report' / 'index.html'}")
+
+
+@train.command(name="all")
+@_options
+def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
+              no_progress: bool, data: Path | None) -> None:
+    """coarse, fine, calibrate and evaluate in one go."""
+    from training.localizer.pipeline import run_all
+
+    run = _open(out, work, preset, seed, device, not no_progress, data)
+    click.echo(json.dumps(run_all(run, resume=resume)["timings_s"]))
+
+
+@train.command(name="demo-weights")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=REPO_DEMO_DIR, show_default=True)
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--resume", is_flag=True)
+def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: bool) -> None:
+    """Reproduce the shipped demo localizer (node/demo_localizer) from phantom data."""
+    from training.localizer.pipeline import Run, default_work_dir, demo_spec, run_all, write_model_card
+
+    work = work or default_work_dir(out)
+    run = Run.open(out, work, None if (work / "run.json").is_file() else demo_spec(seed), device=device)
+    result = run_all(run, resume=resume)
+    write_model_card(run, result, f"locus train demo-weights --seed {seed} --device {device}")
+    m = result["metrics"]
+    click.echo(json.dumps({"timings_s": result["timings_s"], "final_top1": m["final_top1"],
+                           "final_top3": m["final_top3"], "coarse_top1": m["coarse_top1"],
+                           "coarse_top3": m["coarse_top3"], "n": m["n"]}, indent=2))
