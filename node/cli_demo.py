@@ -102,7 +102,7 @@ def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json:
     from node.db import repo
     from node.service import start_node
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths and UIDs stay copy-pasteable
     data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="locus-demo-"))).absolute()
     node_port, pacs_port = _free_port(), _free_port()
     settings = LocusSettings.load(None, **{
@@ -145,7 +145,7 @@ def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json:
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
-        print_lesion_table(result, Console())
+        print_lesion_table(result)
     with node.ctx.db.session() as s:
         reports = repo.reports_for_study(s, study_uid)
     for r in reports:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+
+def wide_console() -> Console:
+    """A console for tables: the terminal's width, or 200 columns when output is redirected
+    (rich would otherwise fold long site names into 80 columns in logs and CI output)."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -18,7 +25,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def print_lesion_table(result: dict[str, Any], console: Console | None = None) -> None:
     """Print the lesions of an ``AnalysisResult.to_json()`` plus its flags."""
-    console = console or Console()
+    console = console or wide_console()
     suv = result.get("suv") or {}
     unit = suv.get("unit") or "SUV"
     table = Table(title=f"Study {result.get('study_instance_uid')}: {len(result.get('lesions') or [])} lesion(s)")

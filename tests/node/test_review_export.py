@@ -1,6 +1,6 @@
 """End to end: a real analysed study -> review -> `locus dataset export` -> `training.data.hclal` reader.
 
-The bundled demo study (synthetic PET/CT + SEG, ``node/demo_study``) is filed into a node's spool
+The bundled demo study (synthetic PET/CT + SEG, ``node/demo_study``; see tests/node/review_export_helpers.py) is filed into a node's spool
 and results database through the node's own ingest functions (spool ``put_atomic``, the
 listener's ``index_fields``, ``repo.record_instance``), declared complete, and analysed by the
 worker's job function with a configured localizer (small random-weight checkpoints in HCL-AL's
@@ -13,91 +13,39 @@ position by position, with its SEG segment.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pydicom
 import pytest
-from click.testing import CliRunner
-from sqlalchemy import select
 
 from library import load_library
-from node import jobs
-from node.cli import main
 from node.cli_demo import SAMPLE_STUDY
-from node.db import Database, repo
-from node.db.models import Lesion
-from node.db.reviews import confirm_location, correct_location
-from node.listener.parsing import index_fields
 from node.settings import LocusSettings
-from node.tasks.context import WorkerContext, build_context
 from pipelines.datasets.hclal_layout import ANNO_COLUMNS, BBOX_COLUMNS, read_csv
-from pipelines.dicom.seg import read_segments
 from pipelines.datasets.hclal_truth import truth_for_site
+from pipelines.dicom.seg import read_segments
+from tests.node.review_export_helpers import (
+    CONFIRMED,
+    LESION,
+    SITE,
+    T0,
+    analysed_and_reviewed_node,
+    lesion_rows,
+)
+from tests.node.review_export_helpers import run_cli as _run
 from tests.pipelines.localizer import factory as F
 from tests.pipelines.localizer.conftest import COARSE, FINE
 from training.data.hclal import read_hclal_dataset
 
-T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-CONFIRMED = "S1"  # its predicted site confirmed as is
-LESION = "S2"  # corrected, then confirmed
-SITE = "liver_s7"
 REGIONS = ("Chest", "Abdomen", "Axial skeleton")
-
-
-def _ingest_and_analyse(ctx: WorkerContext) -> tuple[str, int]:
-    files = sorted(SAMPLE_STUDY.rglob("*.dcm"))
-    with ctx.db.session() as s:
-        for path in files:
-            data = path.read_bytes()
-            f = index_fields(data)
-            rel = ctx.spool.put_atomic(f.study_uid, f.series_uid, f.sop_uid, data)
-            repo.record_instance(s, repo.InstanceRecord(
-                study_uid=f.study_uid, series_uid=f.series_uid, sop_uid=f.sop_uid, sop_class_uid=f.sop_class_uid,
-                modality=f.modality, transfer_syntax=str(pydicom.dcmread(path, stop_before_pixels=True)
-                                                         .file_meta.TransferSyntaxUID),
-                path=rel, size_bytes=len(data), calling_ae="SENDER",
-                frame_of_reference_uid=f.frame_of_reference_uid, number_of_slices=f.number_of_slices,
-                instance_number=f.instance_number, referenced_instances=f.referenced_instances,
-            ), T0)
-    with ctx.db.session() as s:
-        (study_id,) = repo.pending_study_ids(s)
-        snap = repo.lock_study(s, study_id)
-        assert snap is not None
-        vid = repo.create_study_version(s, snap, rule="quiet_timer", reason="test", now=T0 + timedelta(minutes=1))
-        assert vid is not None
-    assert jobs.run_analysis(ctx, vid) == "analysed"
-    return snap.study_uid, len(files)
 
 
 @pytest.fixture(scope="module")
 def analysed_node(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocusSettings, str]:
-    data_dir = tmp_path_factory.mktemp("node")
     release = F.write_release_dir(tmp_path_factory.mktemp("release"), coarse=COARSE, fine=FINE, regions=REGIONS)
-    settings = LocusSettings(storage={"data_dir": str(data_dir)},
-                             models={"localizer_checkpoint": str(release), "device": "cpu"})
-    ctx = build_context(settings)
-    try:
-        study_uid, _ = _ingest_and_analyse(ctx)
-        library = load_library()
-        with ctx.db.session() as s:
-            confirm_location(s, study_uid, CONFIRMED, reviewer="Dr Ada", now=T0 + timedelta(minutes=30),
-                             library=library)
-        with ctx.db.session() as s:
-            correct_location(s, study_uid, LESION, SITE, reviewer="Dr Ada", now=T0 + timedelta(hours=1),
-                             library=library, note="patient Jane Doe, segment VII")
-        with ctx.db.session() as s:
-            confirm_location(s, study_uid, LESION, reviewer="Dr Bo", now=T0 + timedelta(hours=2), library=library)
-    finally:
-        ctx.db.dispose()
-    return settings, study_uid
-
-
-def _run(settings: LocusSettings, monkeypatch: pytest.MonkeyPatch, *args: str):  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(LocusSettings, "load", classmethod(lambda cls, *a, **k: settings))
-    return CliRunner().invoke(main, list(args))
+    return analysed_and_reviewed_node(tmp_path_factory.mktemp("node"), release)
 
 
 def test_export_reads_back_with_the_confirmed_site_and_the_seg_voxels(
@@ -183,18 +131,6 @@ def test_export_reads_back_with_the_confirmed_site_and_the_seg_voxels(
     assert np.all(region.mask[tuple(kji.T)])
     # and the SUV channel is the SUV the analysis measured there
     assert float(record.suv.array[mask].max()) == pytest.approx(rows[LESION].suv_max, rel=1e-5)
-
-
-def lesion_rows(settings: LocusSettings) -> dict[str, SimpleNamespace]:
-    """What the analysis stored per lesion of the node's one study, by lesion id."""
-    database = Database(settings.database.url)
-    try:
-        with database.session(readonly=True) as s:
-            return {row.lesion_id: SimpleNamespace(site_id=row.site_id, voxel_count=row.voxel_count,
-                                                   suv_max=row.suv_max, localization=row.localization)
-                    for row in s.scalars(select(Lesion))}
-    finally:
-        database.dispose()
 
 
 def test_export_with_missing_spool_files_is_skipped_with_a_reason(

@@ -345,7 +345,12 @@ class Localizer:
         coarse = _build_stage("coarse", coarse_ckpt, vocab.coarse_keys, vocab, dev, channels_last)
         fine = _build_stage("fine", fine_ckpt, vocab.fine_words, vocab, dev, channels_last)
         if not vocab.matches_published_counts():
-            log.warning("HCL-AL vocabulary counts %s differ from the published pair", vocab.counts())
+            # Expected for weights Locus trained on its own vocabulary (they carry a "locus"
+            # metadata key); worth a warning only for weights that claim to be HCL-AL's.
+            own = "locus" in coarse_ckpt.extra and "locus" in fine_ckpt.extra
+            log.log(logging.INFO if own else logging.WARNING,
+                    "HCL-AL vocabulary counts %s differ from the published pair%s", vocab.counts(),
+                    " (Locus-trained weights with their own vocabulary)" if own else "")
         log.info("localizer %s ready on %s (%s mode)", spec.model_id, dev, geometry_mode)
         return cls(
             coarse, fine, vocab, spec, device=dev, geometry_mode=geometry_mode, coarse_topk=coarse_topk,
