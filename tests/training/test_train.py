@@ -15,7 +15,7 @@ from pipelines.models.localizer.network import build_network
 from pipelines.models.localizer.vocabulary import Vocabulary
 from tests.training.conftest import fake_bank
 from training.localizer.export import checkpoint_dict, save_checkpoint, update_metadata
-from training.localizer.train import StageConfig, train_stage
+from training.localizer.train import StageConfig, build_model, train_stage
 
 FINALS = ["Left upper lobe", "Right lower lobe", "Mediastinum 4R", "Liver S1", "Liver S7", "Spleen",
           "Vertebra T4", "Vertebra T5", "Left rib 3", "Right rib 3"]
@@ -73,3 +73,11 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, vocab: Vocabulary
     with pytest.raises(ValueError, match="another configuration"):
         train_stage(dataclasses.replace(cfg, lr=5e-4), bank, vocab, tmp_path / "c", seed=5, resume=True,
                     progress=False)
+
+
+def test_text_fc_is_trained_because_inference_applies_it(tmp_path: Path, vocab: Vocabulary) -> None:
+    cfg = dataclasses.replace(tiny("coarse", 3), net="ClipText_Fc_BasicNet")
+    torch.manual_seed(0)  # train_stage seeds the same way, so this is its starting point
+    start = build_model(cfg).text_fc.weight.detach().clone()  # type: ignore[union-attr]
+    res = train_stage(cfg, fake_bank(FINALS), vocab, tmp_path, seed=0, progress=False)
+    assert res.net.text_fc is not None and not torch.allclose(res.net.text_fc.weight, start)

@@ -178,6 +178,11 @@ def iter_hclal_dataset(root: str | Path, *, library: AnatomyLibrary | None = Non
         log.debug("read study %s: %d lesions", name, len(lesions))
 
 
+def hclal_study_ids(root: str | Path) -> list[str]:
+    """The study keys (folder names) of ``root``'s ``anno.csv``, in file order, without reading an image."""
+    return [study.folder.name for study in _studies(Path(root))]
+
+
 def read_hclal_dataset(root: str | Path, *, library: AnatomyLibrary | None = None,
                        with_ct: bool = True) -> list[StudyRecord]:
     """Every study of ``root`` (see :func:`iter_hclal_dataset`)."""

@@ -3,29 +3,58 @@
 
 Every command takes ``--out`` (the HCL-AL release directory written), ``--work`` (run
 state; default: a per-``--out`` directory under the system temp dir), ``--seed``,
-``--device`` and ``--resume``.
+``--device`` and ``--resume``; ``--data``/``--split``/``--init``/``--steps`` shape a new
+run (a site fine-tuning the shipped weights on its exported reviews:
+``locus train all --preset finetune --data EXPORT --split all --init node/demo_localizer``).
+A run that cannot proceed (empty split, incompatible init, ...) exits with its reason.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 REPO_DEMO_DIR = Path(__file__).resolve().parents[2] / "node" / "demo_localizer"
 
 
+def _clear_failure(f: Callable[..., Any]) -> Callable[..., Any]:
+    """A run that cannot proceed ends with its reason on stderr and exit status 1, not a traceback."""
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipelines.errors import LocusError
+
+        try:
+            return f(*args, **kwargs)
+        except (ValueError, LocusError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
 def _options(f):  # type: ignore[no-untyped-def]
+    f = _clear_failure(f)
     f = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(f)
+    f = click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="Training steps per stage, instead of the preset's (new runs only).")(f)
+    f = click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Fine-tune this HCL-AL release directory (e.g. node/demo_localizer): both stages start "
+                          "from its checkpoints (strict load) and keep its geometry and vocabulary.")(f)
+    f = click.option("--split", type=click.Choice(["hash", "all"]), default="hash", show_default=True,
+                     help="With --data: 'hash' = 80/10/10 train/val/test by study id; 'all' = every study "
+                          "trains, calibration recorded as not fitted, evaluation skipped (few studies).")(f)
     f = click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Dataset directory in HCL-AL's layout (HCL-AL data or `locus dataset export`) instead of "
-                          "phantoms; split 80/10/10 by study id.")(f)
+                          "phantoms; see --split.")(f)
     f = click.option("--resume", is_flag=True, help="Continue from the last saved training state in --work.")(f)
     f = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling, augmentation and init.")(f)
-    f = click.option("--preset", type=click.Choice(["demo", "hcl-al"]), default="demo", show_default=True,
+    f = click.option("--preset", type=click.Choice(["demo", "hcl-al", "finetune"]), default="demo", show_default=True,
                      help="Run specification used when --work has none yet.")(f)
     f = click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Run state directory (crop banks, training states, report).")(f)
@@ -35,16 +64,22 @@ def _options(f):  # type: ignore[no-untyped-def]
 
 
 def _open(out: Path, work: Path | None, preset: str, seed: int, device: str, progress: bool,  # type: ignore[no-untyped-def]
-          data: Path | None = None):
-    from training.localizer.pipeline import PRESETS, Run, default_work_dir, with_dataset
+          data: Path | None = None, split: str = "hash", init: Path | None = None, steps: int | None = None):
+    from training.localizer.pipeline import PRESETS, Run, default_work_dir, with_dataset, with_init, with_steps
 
     logging.getLogger("training").setLevel(logging.INFO)
+    if split != "hash" and data is None:
+        raise click.UsageError("--split applies to --data")
     work = work or default_work_dir(out)
     spec = None
     if not (work / "run.json").is_file():
         spec = PRESETS[preset](seed)
         if data is not None:
-            spec = with_dataset(spec, data)
+            spec = with_dataset(spec, data, split=split)
+        if init is not None:
+            spec = with_init(spec, init)
+        if steps is not None:
+            spec = with_steps(spec, steps)
     click.echo(f"run state: {work}", err=True)
     return Run.open(out, work, spec, device=device, progress=progress)
 
@@ -57,36 +92,36 @@ def train() -> None:
 @train.command()
 @_options
 def coarse(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool, no_progress: bool,
-           data: Path | None) -> None:
+           data: Path | None, split: str, init: Path | None, steps: int | None) -> None:
     """Train the coarse stage and write OUT/coarse/params.pth."""
-    run = _open(out, work, preset, seed, device, not no_progress, data)
+    run = _open(out, work, preset, seed, device, not no_progress, data, split, init, steps)
     click.echo(str(run.train("coarse", resume=resume)))
 
 
 @train.command()
 @_options
 def fine(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool, no_progress: bool,
-           data: Path | None) -> None:
+           data: Path | None, split: str, init: Path | None, steps: int | None) -> None:
     """Train the fine stage (uses the coarse stage's rankings) and write OUT/fine/params.pth."""
-    run = _open(out, work, preset, seed, device, not no_progress, data)
+    run = _open(out, work, preset, seed, device, not no_progress, data, split, init, steps)
     click.echo(str(run.train("fine", resume=resume)))
 
 
 @train.command()
 @_options
 def calibrate(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
-              no_progress: bool, data: Path | None) -> None:
+              no_progress: bool, data: Path | None, split: str, init: Path | None, steps: int | None) -> None:
     """Fit one temperature per stage on the validation split; store it in both checkpoints."""
-    run = _open(out, work, preset, seed, device, not no_progress, data)
+    run = _open(out, work, preset, seed, device, not no_progress, data, split, init, steps)
     click.echo(json.dumps(run.calibrate(), indent=2))
 
 
 @train.command()
 @_options
 def evaluate(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
-             no_progress: bool, data: Path | None) -> None:
+             no_progress: bool, data: Path | None, split: str, init: Path | None, steps: int | None) -> None:
     """Evaluate OUT on the held-out split (HCL-AL protocol); HTML report in WORK/report."""
-    run = _open(out, work, preset, seed, device, not no_progress, data)
+    run = _open(out, work, preset, seed, device, not no_progress, data, split, init, steps)
     m = run.evaluate()
     click.echo(f"final top-1 {m['final_top1']:.3f}  top-3 {m['final_top3']:.3f}  coarse top-1 {m['coarse_top1']:.3f}"
                f"  top-3 {m['coarse_top3']:.3f}  (n={m['n']}, {m['label']})")
@@ -96,12 +131,17 @@ def evaluate(out: Path, work: Path | None, preset: str, seed: int, device: str, 
 @train.command(name="all")
 @_options
 def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
-              no_progress: bool, data: Path | None) -> None:
-    """coarse, fine, calibrate and evaluate in one go."""
+              no_progress: bool, data: Path | None, split: str, init: Path | None, steps: int | None) -> None:
+    """coarse, fine, calibrate and evaluate in one go; prints timings, calibration and the headline metrics."""
     from training.localizer.pipeline import run_all
 
-    run = _open(out, work, preset, seed, device, not no_progress, data)
-    click.echo(json.dumps(run_all(run, resume=resume)["timings_s"]))
+    run = _open(out, work, preset, seed, device, not no_progress, data, split, init, steps)
+    result = run_all(run, resume=resume)
+    m = result.get("metrics")
+    evaluation = ("skipped: no test split" if m is None else
+                  {k: m[k] for k in ("n", "final_top1", "final_top3", "coarse_top1", "coarse_top3", "label")})
+    click.echo(json.dumps({"timings_s": result["timings_s"], "calibration": result.get("calibration"),
+                           "evaluation": evaluation}))
 
 
 @train.command(name="demo-weights")

@@ -10,16 +10,25 @@ A run has two directories:
 
 Each step reads what the previous ones wrote, so ``locus train coarse|fine|calibrate|
 evaluate`` can run separately (and resume) or all at once (``locus train all`` /
-``demo-weights``).  Data here are phantom studies (:mod:`training.data.phantom`); the
-steps only see :class:`~training.data.records.StudyRecord`, so other sources plug in.
+``demo-weights``).  Data are phantom studies (:mod:`training.data.phantom`) or a dataset
+directory in HCL-AL's layout (:func:`with_dataset`, e.g. ``locus dataset export``); the steps
+only see :class:`~training.data.records.StudyRecord`, so other sources plug in.
+
+A site fine-tunes an existing release (:func:`with_init`, ``--init``): both stages start
+from its checkpoints (loaded strictly), keep its geometry and vocabulary, and learn from the
+site's reviewed lesions.  A few reviewed studies cannot also feed a validation and a test
+split, so ``split="all"`` trains on every study and records calibration as *not fitted*
+(the init's temperatures are never carried over: they were fitted for other weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,9 +39,10 @@ from typing import Any
 import torch
 
 from library import load_library
-from pipelines.models.checkpoints import load_checkpoint
+from pipelines.models.checkpoints import HclalCheckpoint, load_checkpoint, sha256_file
 from pipelines.models.localizer.model import Localizer
 from pipelines.models.localizer.vocabulary import Vocabulary
+from pipelines.models.text import TextTowerConfig
 from training.data.phantom import phantom_records
 from training.data.records import StudyRecord
 from training.localizer.calibrate import calibrate as fit_temperatures
@@ -41,12 +51,16 @@ from training.localizer.export import checkpoint_dict, save_checkpoint, update_m
 from training.localizer.report import write_report
 from training.localizer.samples import CropBank, build_bank
 from training.localizer.train import StageConfig, rank_bank, train_stage
-from training.localizer.vocab import training_vocabulary, write_vocabulary
+from training.localizer.vocab import pairs_of, training_vocabulary, write_vocabulary
 
 log = logging.getLogger(__name__)
 
 #: The demo phantom's own seed (``node/demo_study``); never used for training or calibration.
 DEMO_STUDY_SEED = 7
+#: The two files of an HCL-AL release besides the stage checkpoints (hcl-al-compat.md §12).
+VOCABULARY_FILES = ("anatomy_vocabulary_library.json", "augmented_location_descriptions.json")
+#: How a dataset directory is divided: by study-id hash 80/10/10, or every study for training.
+DATASET_SPLITS = ("hash", "all")
 
 
 @dataclass
@@ -64,24 +78,42 @@ class DatasetSplit:
     """One part of a dataset directory in HCL-AL's layout (HCL-AL's own, or ``locus dataset export``).
 
     Studies go to train/val/test by a hash of their study id, so the split is stable when
-    studies are added and never depends on file order.
+    studies are added and never depends on file order; part ``"all"`` takes every study.
     """
 
     root: str
-    part: str  # "train" | "val" | "test"
+    part: str  # "train" | "val" | "test" | "all"
     fractions: tuple[float, float] = (0.8, 0.1)  # train, val; the rest is test
 
     def _part_of(self, study_id: str) -> str:
         u = int(hashlib.sha256(study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         return "train" if u < self.fractions[0] else "val" if u < sum(self.fractions) else "test"
 
+    def _selects(self, study_id: str) -> bool:
+        return self.part == "all" or self._part_of(study_id) == self.part
+
     def records(self, size: str) -> list[StudyRecord]:
         from training.data.hclal import iter_hclal_dataset
 
-        return [r for r in iter_hclal_dataset(self.root) if self._part_of(r.study_id) == self.part]
+        return [r for r in iter_hclal_dataset(self.root) if self._selects(r.study_id)]
+
+    def empty_reason(self, role: str) -> str | None:
+        """None when the split holds a study; else why not and what to do (read from the CSVs only)."""
+        from training.data.hclal import hclal_study_ids
+
+        ids = hclal_study_ids(self.root)
+        if any(self._selects(i) for i in ids):
+            return None
+        parts = Counter(self._part_of(i) for i in ids)
+        return (f"the {role} split ({self.part!r}) of {self.root} holds no study: the dataset has {len(ids)} "
+                f"studies, split by study-id hash into train {parts['train']}, val {parts['val']}, "
+                f"test {parts['test']}; with this few studies use --split all (every study trains, "
+                "calibration is recorded as not fitted, evaluation is skipped), typically with --init")
 
 
-def _split_from_json(x: dict[str, Any]) -> PhantomSplit | DatasetSplit:
+def _split_from_json(x: dict[str, Any] | None) -> PhantomSplit | DatasetSplit | None:
+    if x is None:
+        return None
     if "root" in x:
         return DatasetSplit(x["root"], x["part"], tuple(x["fractions"]))  # type: ignore[arg-type]
     return PhantomSplit(tuple(x["seeds"]), x["placement"], x["n_lesions"])  # type: ignore[arg-type]
@@ -94,13 +126,14 @@ class RunSpec:
     seed: int
     size: str
     train: PhantomSplit | DatasetSplit
-    val: PhantomSplit | DatasetSplit
-    test: PhantomSplit | DatasetSplit
+    val: PhantomSplit | DatasetSplit | None  # None: no calibration (recorded as not fitted)
+    test: PhantomSplit | DatasetSplit | None  # None: no evaluation
     coarse: StageConfig
     fine: StageConfig
     crops_per_lesion: int = 6
     store_dtype: str = "float32"
     extra_test_seeds: tuple[int, ...] = (DEMO_STUDY_SEED,)
+    init: str | None = None  # HCL-AL release directory both stages start from (fine-tuning)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,8 +149,9 @@ class RunSpec:
             x["crop_size"], x["spacing"], x["milestones"] = tuple(x["crop_size"]), tuple(x["spacing"]), tuple(x["milestones"])
             return StageConfig(**x)
 
-        return cls(d["seed"], d["size"], split(d["train"]), split(d["val"]), split(d["test"]), stage(d["coarse"]),
-                   stage(d["fine"]), d["crops_per_lesion"], d["store_dtype"], tuple(d["extra_test_seeds"]))
+        return cls(d["seed"], d["size"], split(d["train"]), split(d["val"]), split(d["test"]),  # type: ignore[arg-type]
+                   stage(d["coarse"]), stage(d["fine"]), d["crops_per_lesion"], d["store_dtype"],
+                   tuple(d["extra_test_seeds"]), d.get("init"))
 
 
 def demo_spec(seed: int = 0) -> RunSpec:
@@ -160,15 +194,96 @@ def hclal_spec(seed: int = 0) -> RunSpec:
     )
 
 
-PRESETS = {"demo": demo_spec, "hcl-al": hclal_spec}
+def finetune_spec(seed: int = 0) -> RunSpec:
+    """A site's fine-tuning recipe, meant for ``--init`` and ``--data``: short, at HCL-AL's learning rate.
+
+    With ``--init`` each stage's geometry, network and text tower come from the init
+    checkpoints (:func:`with_init`); what this preset sets is the schedule: 300 steps per
+    stage at lr 1e-4 (§15's rate, 10x below the demo's from-scratch rate, so the shipped
+    weights are adjusted rather than overwritten), batches of at most 16 words, 4 crops per
+    lesion.  ``--steps`` shortens it further.
+    """
+    spec = demo_spec(seed)
+    sched = {"steps": 300, "lr": 1e-4, "batch_size": 16, "milestones": (0.8,), "save_every": 50}
+    spec.coarse = dataclasses.replace(spec.coarse, **sched)  # type: ignore[arg-type]
+    spec.fine = dataclasses.replace(spec.fine, **sched)  # type: ignore[arg-type]
+    spec.crops_per_lesion = 4
+    return spec
 
 
-def with_dataset(spec: RunSpec, root: str | Path) -> RunSpec:
-    """``spec`` trained, calibrated and tested on a dataset directory instead of phantoms."""
+PRESETS = {"demo": demo_spec, "hcl-al": hclal_spec, "finetune": finetune_spec}
+
+
+def with_dataset(spec: RunSpec, root: str | Path, *, split: str = "hash") -> RunSpec:
+    """``spec`` trained (and calibrated and tested, with ``split="hash"``) on a dataset directory.
+
+    ``split="all"``: every study trains and there is no validation or test split, so
+    calibration is recorded as not fitted and evaluation is skipped.
+    """
+    if split not in DATASET_SPLITS:
+        raise ValueError(f"unknown dataset split {split!r}; use one of {DATASET_SPLITS}")
     r = str(Path(root).resolve())
-    spec.train, spec.val, spec.test = DatasetSplit(r, "train"), DatasetSplit(r, "val"), DatasetSplit(r, "test")
+    if split == "all":
+        spec.train, spec.val, spec.test = DatasetSplit(r, "all"), None, None
+    else:
+        spec.train, spec.val, spec.test = DatasetSplit(r, "train"), DatasetSplit(r, "val"), DatasetSplit(r, "test")
     spec.extra_test_seeds = ()
     return spec
+
+
+def with_steps(spec: RunSpec, steps: int) -> RunSpec:
+    """``spec`` with ``steps`` training steps per stage (milestones stay fractions of it)."""
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    spec.coarse = dataclasses.replace(spec.coarse, steps=steps, save_every=min(spec.coarse.save_every, steps))
+    spec.fine = dataclasses.replace(spec.fine, steps=steps, save_every=min(spec.fine.save_every, steps))
+    return spec
+
+
+def load_init_stage(init: str | Path, stage: str) -> HclalCheckpoint:
+    """One stage checkpoint of the init release (read and validated like any HCL-AL checkpoint)."""
+    return load_checkpoint(Path(init) / stage)
+
+
+def with_init(spec: RunSpec, init: str | Path) -> RunSpec:
+    """``spec`` fine-tuning the HCL-AL release directory ``init`` instead of training from scratch.
+
+    Each stage's network name, crop geometry and tower sizes are taken from the init
+    checkpoint (they are baked into its weights); its preprocessing must be what Locus's
+    crop bank produces (HCL-AL's channel normalisation, §4), otherwise the weights would be
+    trained on inputs they were never made for, and this raises ``ValueError``.
+    """
+    root = Path(init).resolve()
+    missing = [n for n in ("coarse", "fine", *VOCABULARY_FILES) if not (root / n).exists()]
+    if missing:
+        raise ValueError(f"--init {root} is not an HCL-AL release directory: it lacks {', '.join(missing)}")
+    for stage in ("coarse", "fine"):
+        ckpt = load_init_stage(root, stage)
+        sd = ckpt.state_dict
+        text = TextTowerConfig.from_state_dict({k.removeprefix("text_encoder."): v for k, v in sd.items()
+                                                if k.startswith("text_encoder.")})
+        cfg = dataclasses.replace(
+            getattr(spec, stage), net=ckpt.net, crop_size=ckpt.preprocessing.crop_size,
+            spacing=ckpt.preprocessing.spacing, embed_dim=int(sd["image_encoder.fc.weight"].shape[0]),
+            text_width=text.width, text_layers=text.layers, context_length=text.context_length, text_weights=None)
+        if cfg.preprocessing() != ckpt.preprocessing:
+            raise ValueError(f"--init {root / stage}: its preprocessing {ckpt.preprocessing.to_json()} is not what "
+                             f"Locus training produces ({cfg.preprocessing().to_json()}); it cannot be fine-tuned here")
+        setattr(spec, stage, cfg)
+    spec.init = str(root)
+    return spec
+
+
+def dataset_identity(root: str | Path) -> dict[str, Any]:
+    """What pins a dataset directory: the SHA-256 of its manifest and CSVs, and the library it names."""
+    r = Path(root)
+    files = {name: sha256_file(r / name) for name in ("manifest.json", "anno.csv", "bbox.csv") if (r / name).is_file()}
+    out: dict[str, Any] = {"sha256": files}
+    if (r / "manifest.json").is_file():
+        manifest = json.loads((r / "manifest.json").read_text(encoding="utf-8"))
+        out["manifest_format"] = manifest.get("format")
+        out["library"] = manifest.get("library")
+    return out
 
 
 @dataclass
@@ -199,17 +314,76 @@ class Run:
         return cls(out, work, spec, device, progress)
 
     # -- data -----------------------------------------------------------------------
+    def _records(self, split: PhantomSplit | DatasetSplit, role: str) -> list[StudyRecord]:
+        records = split.records(self.spec.size)
+        if not records:
+            reason = split.empty_reason(role) if isinstance(split, DatasetSplit) else None
+            raise ValueError(reason or f"the {role} split {asdict(split)} holds no study")
+        return records
+
+    def check_splits(self, steps: Sequence[str]) -> None:
+        """Fail before any training when a split that ``steps`` need holds no study (tiny datasets)."""
+        needed = {"training": self.spec.train} if {"coarse", "fine"} & set(steps) else {}
+        if "calibrate" in steps and self.spec.val is not None:
+            needed["validation"] = self.spec.val
+        if "evaluate" in steps and self.spec.test is not None:
+            needed["test"] = self.spec.test
+        for role, split in needed.items():
+            reason = split.empty_reason(role) if isinstance(split, DatasetSplit) else None
+            if reason:
+                raise ValueError(reason)
+
     def train_records(self) -> list[StudyRecord]:
         if self._train_records is None:
-            self._train_records = self.spec.train.records(self.spec.size)
+            self._train_records = self._records(self.spec.train, "training")
         return self._train_records
 
     def vocabulary(self) -> Vocabulary:
-        v, d = self.out / "anatomy_vocabulary_library.json", self.out / "augmented_location_descriptions.json"
-        if not (v.is_file() and d.is_file()):
+        v, d = (self.out / name for name in VOCABULARY_FILES)
+        if self.spec.init is not None:
+            self._adopt_init_vocabulary()
+        elif not (v.is_file() and d.is_file()):
             finals = [f for r in self.train_records() for les in r.lesions for f in les.hclal_locations]
             write_vocabulary(training_vocabulary(finals), self.out)
-        return Vocabulary.load(v, d)
+        vocab = Vocabulary.load(v, d)
+        if self.spec.init is not None:
+            self._check_teachable(vocab)
+        return vocab
+
+    def _adopt_init_vocabulary(self) -> None:
+        """Fine-tuning keeps the init release's vocabulary files, byte for byte (its text embeddings' words)."""
+        init = Path(self.spec.init)  # type: ignore[arg-type]
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in VOCABULARY_FILES:
+            src, dst = init / name, self.out / name
+            if not dst.is_file():
+                shutil.copyfile(src, dst)
+            elif sha256_file(dst) != sha256_file(src):
+                raise ValueError(f"{dst} differs from the init release's {src}; a fine-tuned model keeps its "
+                                 "init's vocabulary: use an empty --out")
+        vocab = Vocabulary.load(*(self.out / n for n in VOCABULARY_FILES))
+        for stage in ("coarse", "fine"):
+            meta = load_init_stage(init, stage).extra.get("locus") or {}
+            pinned = meta.get("vocabulary_sha256") if isinstance(meta, dict) else None
+            if pinned and pinned != vocab.vocabulary_sha256:
+                raise ValueError(f"--init {init}: {stage}/params.pth was trained with vocabulary sha256 "
+                                 f"{pinned[:16]}…, but the release's {VOCABULARY_FILES[0]} has "
+                                 f"{vocab.vocabulary_sha256[:16]}…; the release directory is inconsistent")
+
+    def _check_teachable(self, vocab: Vocabulary) -> None:
+        """Every training lesion needs an acceptable string the init vocabulary can name.
+
+        Fine-tuning cannot add a word to a model (the candidates are the vocabulary's texts),
+        so a lesion confirmed at a site outside it would be silently unlearnable.
+        """
+        outside = [f"{r.study_id}/{les.lesion_id}: {', '.join(les.hclal_locations) or '(no ground truth)'}"
+                   for r in self.train_records() for les in r.lesions if not pairs_of(vocab, les.hclal_locations)]
+        if outside:
+            raise ValueError(
+                f"{len(outside)} training lesion(s) have no location in the vocabulary of --init "
+                f"{self.spec.init} ({len(vocab.finals)} final strings): {'; '.join(outside[:10])}"
+                f"{' ...' if len(outside) > 10 else ''}. Fine-tuning cannot add names to a model; train "
+                "without --init to build a vocabulary from the data, or leave these lesions out of the export")
 
     def bank(self) -> CropBank:
         path = self.work / "train_bank.pt"
@@ -223,21 +397,28 @@ class Run:
 
     def data_summary(self, bank: CropBank) -> dict[str, Any]:
         s = self.spec
-        source = (f"dataset in HCL-AL layout at {s.train.root}" if isinstance(s.train, DatasetSplit)
-                  else f"Locus phantom (training/phantom), preset {s.size!r}: synthetic, not anatomy")
-        return {
-            "source": source,
-            "train": {**asdict(s.train), "studies": len(self.train_records()), "lesions": len(bank),
+        records = self.train_records()
+        summary: dict[str, Any] = {
+            "source": (f"dataset in HCL-AL layout at {s.train.root}" if isinstance(s.train, DatasetSplit)
+                       else f"Locus phantom (training/phantom), preset {s.size!r}: synthetic, not anatomy"),
+            "train": {**asdict(s.train), "studies": len(records), "lesions": len(bank),
                       "crops_per_lesion": s.crops_per_lesion,
                       "per_coarse": dict(Counter(c for it in bank.items for c in it.record.coarse_keys[:1]))},
-            "validation": asdict(s.val), "test": asdict(s.test), "extra_test_seeds": list(s.extra_test_seeds),
+            "validation": asdict(s.val) if s.val is not None else None,
+            "test": asdict(s.test) if s.test is not None else None, "extra_test_seeds": list(s.extra_test_seeds),
         }
+        if isinstance(s.train, DatasetSplit):
+            summary["dataset"] = dataset_identity(s.train.root)
+            summary["train"]["study_sources"] = sorted(r.source for r in records)
+        return summary
 
     # -- steps ----------------------------------------------------------------------
     def _metadata(self, vocab: Vocabulary, bank: CropBank, cfg: StageConfig, losses: list[float],
-                  wall_s: float) -> dict[str, Any]:
+                  wall_s: float, init: HclalCheckpoint | None) -> dict[str, Any]:
         return {
             "library": load_library().stamp(),
+            "init": None if init is None else {"release": self.spec.init, "checkpoint_sha256": init.sha256,
+                                               "steps": init.batch},
             "vocabulary_sha256": vocab.vocabulary_sha256,
             "descriptions_sha256": vocab.descriptions_sha256,
             "training_data": self.data_summary(bank),
@@ -255,9 +436,10 @@ class Run:
         if stage == "fine":
             coarse = self._network("coarse")
             labels = rank_bank(coarse, bank, "coarse", vocab, vocab.coarse_keys, topk=3, device=self.device)
+        init = load_init_stage(self.spec.init, stage) if self.spec.init is not None else None
         res = train_stage(cfg, bank, vocab, self.work, seed=self.spec.seed, device=self.device, resume=resume,
-                          coarse_labels=labels, progress=self.progress)
-        state = checkpoint_dict(res.net.cpu(), cfg, self._metadata(vocab, bank, cfg, res.losses, res.wall_s),
+                          coarse_labels=labels, progress=self.progress, init=init)
+        state = checkpoint_dict(res.net.cpu(), cfg, self._metadata(vocab, bank, cfg, res.losses, res.wall_s, init),
                                 steps=res.steps, dtype=self.spec.store_dtype)
         return save_checkpoint(state, self.out / stage / "params.pth")
 
@@ -271,17 +453,28 @@ class Run:
                               self.out / "augmented_location_descriptions.json", device=self.device)
 
     def calibrate(self) -> dict[str, Any]:
+        """Fit the temperatures on the validation split; without one, record them as not fitted."""
+        if self.spec.val is None:
+            note = {"fitted": False, "reason": "no validation split (dataset split 'all'): temperatures not fitted; "
+                                               "scores are uncalibrated"}
+            for stage in ("coarse", "fine"):
+                update_metadata(self.out / stage / "params.pth", calibration=note)
+            log.warning("calibration not fitted: the run has no validation split")
+            return note
         loc = self.localizer()
-        fits = fit_temperatures(loc, self.spec.val.records(self.spec.size))
+        fits = fit_temperatures(loc, self._records(self.spec.val, "validation"))
         for stage in ("coarse", "fine"):
             update_metadata(self.out / stage / "params.pth", calibration={
-                **fits[stage].to_json(), "method": "temperature scaling, NLL on the validation split",
+                **fits[stage].to_json(), "fitted": True, "method": "temperature scaling, NLL on the validation split",
                 "split": asdict(self.spec.val)})
         return {k: v.to_json() for k, v in fits.items()}
 
     def evaluate(self) -> dict[str, Any]:
+        if self.spec.test is None:
+            raise ValueError("this run has no test split (dataset split 'all'); evaluate on other studies with "
+                             "a run that holds them out")
         loc = self.localizer()
-        records = self.spec.test.records(self.spec.size)
+        records = self._records(self.spec.test, "test")
         records += list(phantom_records(self.spec.extra_test_seeds, self.spec.size))
         ev = run_evaluation(loc, records, progress=self.progress)
         phantom = isinstance(self.spec.test, PhantomSplit)
@@ -309,6 +502,7 @@ def default_work_dir(out: str | Path) -> Path:
 
 def run_all(run: Run, *, resume: bool = False, steps: Sequence[str] = ("coarse", "fine", "calibrate", "evaluate")
             ) -> dict[str, Any]:
+    run.check_splits(steps)
     timings: dict[str, float] = {}
     result: dict[str, Any] = {}
     for step in steps:
@@ -318,6 +512,10 @@ def run_all(run: Run, *, resume: bool = False, steps: Sequence[str] = ("coarse",
         elif step == "calibrate":
             result["calibration"] = run.calibrate()
         elif step == "evaluate":
+            if run.spec.test is None:  # split "all": nothing held out, nothing to claim
+                result["metrics"] = None
+                log.warning("evaluation skipped: the run has no test split")
+                continue
             result["metrics"] = run.evaluate()
         timings[step] = round(time.perf_counter() - t0, 1)
     result["timings_s"] = timings

@@ -11,6 +11,10 @@ Text tower: randomly initialised and trained (small towers), or loaded from a lo
 the user provides (``text_weights``; never downloaded) and optionally frozen, as HCL-AL
 freezes OpenAI CLIP.
 
+Fine-tuning: ``init`` (a loaded HCL-AL stage checkpoint) replaces the fresh network; it is
+built and loaded strictly by the inference loader's own :func:`build_network`, so every
+tensor is accounted for and the geometry must be the configuration's.
+
 Resumable: every ``save_every`` steps (and at the end) the model, optimizer, scheduler,
 sampler RNG, torch RNG and loss history go to ``<out>/<stage>_state.pt``; ``resume=True``
 continues from there and gives the same weights as an uninterrupted run.
@@ -30,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipelines.models.checkpoints import Normalizer, Preprocessing
+from pipelines.models.checkpoints import HclalCheckpoint, Normalizer, Preprocessing
 from pipelines.models.localizer.encoder3d import init_weights
-from pipelines.models.localizer.network import HclalClipNet
+from pipelines.models.localizer.network import HclalClipNet, build_network
 from pipelines.models.localizer.vocabulary import Vocabulary
 from pipelines.models.text import ClipTokenizer, TextTowerConfig
 from training.localizer.losses import skip_topn_loss
@@ -111,9 +115,23 @@ def build_model(cfg: StageConfig) -> HclalClipNet:
                                    cfg.embed_dim)
         net = HclalClipNet(cfg.net, 3, cfg.crop_size, text_cfg, num_features=cfg.embed_dim)
     init_weights(net.image_encoder)
+    _freeze_text(net, cfg)
+    return net
+
+
+def _freeze_text(net: HclalClipNet, cfg: StageConfig) -> None:
     if cfg.freeze_text:
         for p in net.text_encoder.parameters():
             p.requires_grad_(False)
+
+
+def model_from_checkpoint(cfg: StageConfig, init: HclalCheckpoint) -> HclalClipNet:
+    """The network of ``init`` (strict load), to fine-tune under ``cfg``; its geometry must be ``cfg``'s."""
+    if init.net != cfg.net or init.preprocessing != cfg.preprocessing():
+        raise ValueError(f"init checkpoint {init.path} ({init.net}, {init.preprocessing.to_json()}) does not match "
+                         f"the {cfg.stage} configuration ({cfg.net}, {cfg.preprocessing().to_json()})")
+    net = build_network(init)
+    _freeze_text(net, cfg)
     return net
 
 
@@ -137,10 +155,17 @@ class TrainResult:
     wall_s: float = 0.0
 
 
+def text_features(net: HclalClipNet, tokens: torch.Tensor) -> torch.Tensor:
+    """Text embeddings as inference computes them: the tower, then ``text_fc`` when the net has one
+    (``ClipText_Fc_BasicNet``; :func:`pipelines.models.text.encode_texts` applies it too)."""
+    x = net.text_encoder(tokens)
+    return net.text_fc(x) if net.text_fc is not None else x
+
+
 def batch_loss(net: HclalClipNet, bank_x: torch.Tensor, tokens: torch.Tensor, batch: Batch, cfg: StageConfig
                ) -> torch.Tensor:
     img = F.normalize(net.image_encoder(bank_x), dim=-1)
-    txt = F.normalize(net.text_encoder(tokens), dim=-1)
+    txt = F.normalize(text_features(net, tokens), dim=-1)
     scale = net.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     return skip_topn_loss(scale * img @ txt.T, batch.positives.to(img.device), skip_num=cfg.skip_num,
                           smoothing=cfg.smoothing)
@@ -148,8 +173,11 @@ def batch_loss(net: HclalClipNet, bank_x: torch.Tensor, tokens: torch.Tensor, ba
 
 def train_stage(cfg: StageConfig, bank, vocab: Vocabulary, out_dir: str | Path, *, seed: int = 0,  # type: ignore[no-untyped-def]
                 device: str = "cpu", resume: bool = False, coarse_labels: Mapping[int, Sequence[str]] | None = None,
-                progress: bool = True, stop_after: int | None = None) -> TrainResult:
+                progress: bool = True, stop_after: int | None = None, init: HclalCheckpoint | None = None
+                ) -> TrainResult:
     """Train one stage on ``bank`` (a :class:`~.samples.CropBank`); returns the trained network (eval mode).
+
+    ``init``: start from these weights (fine-tuning) instead of a fresh initialisation.
 
     ``stop_after`` ends this call (state saved) once that many steps are done in total, for
     time-boxed sessions; a later call with ``resume=True`` continues the same schedule.
@@ -159,7 +187,7 @@ def train_stage(cfg: StageConfig, bank, vocab: Vocabulary, out_dir: str | Path, 
     state_path = out / f"{cfg.stage}_state.pt"
     torch.manual_seed(seed)
     dev = torch.device(device)
-    net = build_model(cfg).to(dev)
+    net = (build_model(cfg) if init is None else model_from_checkpoint(cfg, init)).to(dev)
     sampler = (CoarseSampler(bank, vocab, cfg.batch_size) if cfg.stage == "coarse"
                else FineSampler(bank, vocab, cfg.batch_size, coarse_labels=coarse_labels))
     rng = np.random.default_rng([seed, 0 if cfg.stage == "coarse" else 1])
@@ -218,7 +246,7 @@ def rank_bank(net: HclalClipNet, bank, stage: str, vocab: Vocabulary, words: Seq
     """Top-``k`` candidate words per bank lesion (unaugmented crop): stage 1's ``coarse_labels``."""
     net.eval()
     tokens = WordTokens(vocab, net.text_encoder.context_length)
-    txt = F.normalize(net.text_encoder(tokens(words).to(device)).float(), dim=-1)
+    txt = F.normalize(text_features(net, tokens(words).to(device)).float(), dim=-1)
     out: dict[int, list[str]] = {}
     n = len(bank)
     for start in range(0, n, batch_size):
