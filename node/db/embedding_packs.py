@@ -14,6 +14,11 @@ latest version that has one from that model, in the pack group ``(model_id,
 preprocessing_version)`` of that embedding.  This is exactly the candidate set the row-wise
 query (:func:`node.db.embeddings.model_vectors`) computes, so results do not change.
 
+Each pack also holds the int8 codes of its vectors (:mod:`node.db.embedding_codes`), written by
+the same :func:`_write` as the vectors, so they never disagree; the search reads the codes of
+every pack (:func:`scan_codes`) and the float32 vectors only of the few packs that hold possible
+results (:func:`fetch_vectors`).
+
 Writers of one model are serialised: SQLite takes the database write lock at ``BEGIN
 IMMEDIATE`` (node.db.base); PostgreSQL takes a transaction-scoped advisory lock per model.
 """
@@ -28,12 +33,13 @@ import numpy as np
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
+from node.db.embedding_codes import quantize
 from node.db.models import StudyEmbedding, StudyEmbeddingPack, StudyVersion
 
 #: Vectors per pack row: 128 x 512-d float32 = 256 KB, small enough to rewrite on each store.
 PACK_SIZE = 128
 
-_IDS, _VERSIONS, _VECTORS = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
+_IDS, _VERSIONS, _VECTORS, _CODES = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4"), np.dtype("i1")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,29 @@ class PackChunk:
     study_ids: np.ndarray  # int64, studies.id
     versions: np.ndarray  # int32
     vectors: np.ndarray  # float32 [count, dim], read-only view on the fetched bytes
+
+
+@dataclass(frozen=True)
+class CodeChunk:
+    """The quantized side of one pack row (:mod:`node.db.embedding_codes`), keyed by its ``pack_id``."""
+
+    pack_id: int
+    study_ids: np.ndarray  # int64
+    versions: np.ndarray  # int32
+    codes: np.ndarray  # int8 [count, dim]
+    scales: np.ndarray  # float32 [count]
+    norms: np.ndarray  # float32 [count]
+    residual_norms: np.ndarray  # float32 [count]
+
+
+def _code_chunk(pack_id: int, count: int, dim: int, ids: bytes, versions: bytes, codes: bytes, scales: bytes,
+                norms: bytes, residuals: bytes) -> CodeChunk:  # fmt: skip
+    if len(ids) != 8 * count or len(versions) != 4 * count or len(codes) != count * dim or \
+            len(scales) != 4 * count or len(norms) != 4 * count or len(residuals) != 4 * count:  # fmt: skip
+        raise ValueError(f"embedding pack {pack_id} holds codes that do not match count={count}, dim={dim}")
+    return CodeChunk(pack_id, np.frombuffer(ids, _IDS), np.frombuffer(versions, _VERSIONS),
+                     np.frombuffer(codes, _CODES).reshape(count, dim), np.frombuffer(scales, _VECTORS),
+                     np.frombuffer(norms, _VECTORS), np.frombuffer(residuals, _VECTORS))  # fmt: skip
 
 
 def _chunk(count: int, dim: int, ids: bytes, versions: bytes, vectors: bytes) -> PackChunk:
@@ -64,6 +93,15 @@ def _write(pack: StudyEmbeddingPack, ids: np.ndarray, versions: np.ndarray, vect
     pack.study_ids = ids.astype(_IDS).tobytes()
     pack.versions = versions.astype(_VERSIONS).tobytes()
     pack.vectors = np.ascontiguousarray(vectors, dtype=_VECTORS).tobytes()
+    _write_codes(pack, np.frombuffer(pack.vectors, _VECTORS).reshape(pack.count, -1))
+
+
+def _write_codes(pack: StudyEmbeddingPack, vectors: np.ndarray) -> None:
+    c = quantize(vectors)
+    pack.codes = c.codes.astype(_CODES).tobytes()
+    pack.code_scales = c.scales.astype(_VECTORS).tobytes()
+    pack.norms = c.norms.astype(_VECTORS).tobytes()
+    pack.residual_norms = c.residual_norms.astype(_VECTORS).tobytes()
 
 
 def _arrays(pack: StudyEmbeddingPack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,16 +204,56 @@ def scan(session: Session, model_id: str, preprocessing_version: str) -> Iterato
 
 
 def _scan_postgresql_binary(session: Session, model_id: str, preprocessing_version: str) -> Iterator[PackChunk]:
+    for count, dim, ids, versions, vectors in _binary_rows(
+        session, "SELECT count, dim, study_ids, versions, vectors FROM study_embedding_packs "
+        "WHERE model_id = %s AND preprocessing_version = %s ORDER BY pack_no", (model_id, preprocessing_version)
+    ):  # fmt: skip
+        yield _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))
+
+
+def _binary_rows(session: Session, sql: str, params: tuple[object, ...]) -> Iterator[tuple[object, ...]]:
+    """Rows of ``sql`` through psycopg in binary format, in the session's transaction (see :func:`scan`)."""
     driver = session.connection().connection.driver_connection  # psycopg.Connection, same transaction
     with driver.cursor(binary=True) as cur:  # type: ignore[union-attr]
-        cur.execute(
-            "SELECT count, dim, study_ids, versions, vectors FROM study_embedding_packs "
-            "WHERE model_id = %s AND preprocessing_version = %s ORDER BY pack_no",
-            (model_id, preprocessing_version),
-        )
+        cur.execute(sql, params)
         while rows := cur.fetchmany(8):
-            for count, dim, ids, versions, vectors in rows:
-                yield _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))
+            yield from rows
+
+
+_CODE_SQL = ("SELECT id, count, dim, study_ids, versions, codes, code_scales, norms, residual_norms "
+             "FROM study_embedding_packs WHERE model_id = {m} AND preprocessing_version = {p} ORDER BY pack_no")
+
+
+def scan_codes(session: Session, model_id: str, preprocessing_version: str) -> Iterator[CodeChunk]:
+    """The quantized side of every pack of one group, in pack order (a quarter of :func:`scan`'s bytes)."""
+    rows: Iterator[tuple[object, ...]]
+    if session.get_bind().dialect.name == "postgresql":
+        rows = _binary_rows(session, _CODE_SQL.format(m="%s", p="%s"), (model_id, preprocessing_version))
+    else:
+        rows = iter(session.execute(text(_CODE_SQL.format(m=":m", p=":p")).execution_options(yield_per=8),
+                                    {"m": model_id, "p": preprocessing_version}))  # fmt: skip
+    for pack_id, count, dim, *arrays in rows:
+        yield _code_chunk(int(pack_id), int(count), int(dim), *(bytes(a) for a in arrays))  # type: ignore[arg-type]
+
+
+def fetch_vectors(session: Session, pack_ids: list[int]) -> dict[int, PackChunk]:
+    """Full float32 packs by ``id`` (only those holding possible results of a search)."""
+    out: dict[int, PackChunk] = {}
+    if not pack_ids:
+        return out
+    if session.get_bind().dialect.name == "postgresql":
+        rows: Iterator[tuple[object, ...]] = _binary_rows(
+            session, "SELECT id, count, dim, study_ids, versions, vectors FROM study_embedding_packs "
+            "WHERE id = ANY(%s)", (sorted(pack_ids),))  # fmt: skip
+    else:  # IN lists of at most 500, below SQLite's historical 999-parameter limit
+        wanted = sorted(pack_ids)
+        rows = (row for start in range(0, len(wanted), 500) for row in session.execute(
+            select(StudyEmbeddingPack.id, StudyEmbeddingPack.count, StudyEmbeddingPack.dim,
+                   StudyEmbeddingPack.study_ids, StudyEmbeddingPack.versions, StudyEmbeddingPack.vectors)
+            .where(StudyEmbeddingPack.id.in_(wanted[start : start + 500]))))  # fmt: skip
+    for pack_id, count, dim, ids, versions, vectors in rows:
+        out[int(pack_id)] = _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))  # type: ignore[arg-type]
+    return out
 
 
 def group_dims(session: Session, model_id: str) -> dict[str, tuple[int, int]]:
@@ -252,6 +330,14 @@ def verify(session: Session, model_id: str | None = None) -> list[str]:
         stmt = stmt.where(StudyEmbeddingPack.model_id == model_id)
     for pack in session.scalars(stmt):
         c = _chunk(pack.count, pack.dim, pack.study_ids, pack.versions, pack.vectors)
+        want = quantize(c.vectors)
+        got = _code_chunk(pack.id, pack.count, pack.dim, pack.study_ids, pack.versions, pack.codes, pack.code_scales,
+                          pack.norms, pack.residual_norms)  # fmt: skip
+        if not all(np.array_equal(a.view(np.uint8), b.view(np.uint8)) for a, b in
+                   ((want.codes, got.codes), (want.scales, got.scales), (want.norms, got.norms),
+                    (want.residual_norms, got.residual_norms))):  # fmt: skip
+            problems.append(f"pack {pack.model_id}/{pack.preprocessing_version}/{pack.pack_no}: "
+                            "codes differ from its vectors")  # fmt: skip
         for sid, ver, vec in zip(c.study_ids.tolist(), c.versions.tolist(), c.vectors, strict=True):
             key = (pack.model_id, pack.preprocessing_version, int(sid))
             if key in found:

@@ -2,8 +2,10 @@
 
 Exact similar-study search reads, per model, the latest embedding of every study; one 2 KB
 vector per row made that one database page per study.  ``study_embedding_packs`` holds the
-same vectors 128 to a row (see ``node.db.embedding_packs`` for the invariant).  The upgrade
-fills it from the existing ``study_embeddings`` rows; the downgrade drops it (the rows stay).
+same vectors 128 to a row (see ``node.db.embedding_packs`` for the invariant), plus their int8
+codes with per-vector scale, norm and residual norm (``node.db.embedding_codes``): the search's
+first pass reads those, a quarter of the bytes.  The upgrade fills it from the existing
+``study_embeddings`` rows; the downgrade drops it (the rows stay).
 
 Revision ID: 0003
 Revises: 0002
@@ -16,6 +18,7 @@ import sys
 from array import array
 from collections.abc import Sequence
 
+import numpy as np
 import sqlalchemy as sa
 from alembic import op
 
@@ -35,6 +38,24 @@ def _le(typecode: str, values: Sequence[int]) -> bytes:
     return arr.tobytes()
 
 
+def _codes(vectors: bytes, count: int, dim: int) -> dict[str, bytes]:
+    """Frozen copy of ``node.db.embedding_codes.quantize`` (``embedding_packs.verify`` checks they agree)."""
+    v = np.frombuffer(vectors, "<f4").reshape(count, dim).astype(np.float64)
+    finite = np.isfinite(v).all(axis=1)
+    v = np.where(finite[:, None], v, 0.0)
+    scales = (np.abs(v).max(axis=1) / 127).astype(np.float32)
+    s = scales.astype(np.float64)
+    codes = np.clip(np.rint(v / np.where(s > 0, s, 1.0)[:, None]), -127, 127)
+    residual = v - s[:, None] * codes
+    res = np.sqrt(np.einsum("ij,ij->i", residual, residual)) * (1 + 1e-12)
+    res32 = res.astype(np.float32)
+    res32 = np.where(res32.astype(np.float64) < res, np.nextafter(res32, np.float32(np.inf)), res32)
+    res32 = np.where(finite, res32, np.float32(np.inf)).astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v)).astype(np.float32)
+    return {"codes": codes.astype("i1").tobytes(), "code_scales": scales.astype("<f4").tobytes(),
+            "norms": norms.astype("<f4").tobytes(), "residual_norms": res32.astype("<f4").tobytes()}  # fmt: skip
+
+
 def upgrade() -> None:
     packs = op.create_table(
         "study_embedding_packs",
@@ -46,6 +67,11 @@ def upgrade() -> None:
         sa.Column("count", sa.Integer(), nullable=False),
         sa.Column("study_ids", sa.LargeBinary(), nullable=False),
         sa.Column("versions", sa.LargeBinary(), nullable=False),
+        # codes before vectors: SQLite reads a column through the overflow pages of those before it
+        sa.Column("codes", sa.LargeBinary(), nullable=False),
+        sa.Column("code_scales", sa.LargeBinary(), nullable=False),
+        sa.Column("norms", sa.LargeBinary(), nullable=False),
+        sa.Column("residual_norms", sa.LargeBinary(), nullable=False),
         sa.Column("vectors", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_study_embedding_packs")),
         sa.UniqueConstraint("model_id", "preprocessing_version", "pack_no",
@@ -74,7 +100,8 @@ def upgrade() -> None:
             part = entries[start : start + PACK_SIZE]
             out.append({"model_id": model_id, "preprocessing_version": prep, "pack_no": n, "dim": part[0][2],
                         "count": len(part), "study_ids": _le("q", [e[0] for e in part]),
-                        "versions": _le("i", [e[1] for e in part]), "vectors": b"".join(e[3] for e in part)})  # fmt: skip
+                        "versions": _le("i", [e[1] for e in part]), "vectors": b"".join(e[3] for e in part),
+                        **_codes(b"".join(e[3] for e in part), len(part), part[0][2])})  # fmt: skip
     if out:
         op.bulk_insert(packs, out)
 
