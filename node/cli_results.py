@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from node.db import Database, Session, open_database, repo
@@ -106,8 +107,8 @@ def _lesion_table(rows: list[repo.LesionRow], *, with_study: bool) -> Table:
     for r in rows:
         cells = [
             r.lesion_id,
-            r.label,
-            r.site_name or r.site_id or "—",
+            escape(r.label),  # labels come from the sender's SEG: never read as rich markup
+            escape(r.site_name or r.site_id or "—"),
             _num(r.suv_max),
             _num(r.suv_mean),
             _num(r.suv_peak),

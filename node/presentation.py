@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -37,10 +38,11 @@ def print_lesion_table(result: dict[str, Any], console: Console | None = None) -
         loc = les.get("localization") or {}
         site = (loc.get("site") or {}).get("name") or loc.get("final_label") or "-"
         table.add_row(
-            les["lesion_id"], str(les["segment_number"]), les.get("segment_label") or "",
+            # SEG labels come from the sender: escaped so brackets are shown, not read as markup
+            les["lesion_id"], str(les["segment_number"]), escape(les.get("segment_label") or ""),
             _fmt(m.get("suv_max")), _fmt(m.get("suv_mean")), _fmt(m.get("suv_peak")), _fmt(m.get("volume_ml")),
-            _fmt(m.get("tlg")), _fmt(m.get("ct_mean_hu"), 1), site,
+            _fmt(m.get("tlg")), _fmt(m.get("ct_mean_hu"), 1), escape(site),
         )
     console.print(table)
     for flag in result.get("flags") or []:
-        console.print(f"[yellow]{flag['code']}[/yellow]: {flag['message']}")
+        console.print(f"[yellow]{escape(flag['code'])}[/yellow]: {escape(flag['message'])}")
