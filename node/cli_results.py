@@ -7,7 +7,6 @@ write lock, so querying never delays the listener).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -20,11 +19,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from node.db import Database, Session, open_database, repo
+from node.presentation import wide_console
 from node.settings import LocusSettings
 
 
 @contextmanager
-def _session(ctx: click.Context) -> Iterator[Session]:
+def readonly_session(ctx: click.Context) -> Iterator[Session]:
+    """A read-only session on the configured results database (for query commands)."""
     settings = ctx.find_object(LocusSettings)
     if settings is None:
         raise click.UsageError("no settings on the click context (run through the `locus` command)")
@@ -50,7 +51,8 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _when(value: datetime | str | None) -> str:
+def format_when(value: datetime | str | None) -> str:
+    """A timestamp for people (seconds, no zone suffix); "—" when unknown."""
     if value is None:
         return "—"
     if isinstance(value, str):
@@ -59,9 +61,7 @@ def _when(value: datetime | str | None) -> str:
 
 
 def _console() -> Console:
-    # Piped output (less, grep, a file) gets a wide table instead of 80 squashed columns.
-    width = None if sys.stdout.isatty() else 200
-    return Console(soft_wrap=False, highlight=False, width=width)
+    return wide_console()
 
 
 @click.group("results")
@@ -76,7 +76,7 @@ def results() -> None:
 @click.pass_context
 def studies(ctx: click.Context, limit: int, status: str | None, as_json: bool) -> None:
     """Most recently active studies."""
-    with _session(ctx) as session:
+    with readonly_session(ctx) as session:
         rows = repo.list_studies(session, limit=limit, status=status)
     if as_json:
         _emit_json([asdict(r) for r in rows])
@@ -93,7 +93,7 @@ def studies(ctx: click.Context, limit: int, status: str | None, as_json: bool) -
             str(r.series),
             str(r.instances),
             "—" if r.lesions is None else str(r.lesions),
-            _when(r.last_received_at),
+            format_when(r.last_received_at),
         )
     _console().print(table)
 
@@ -127,7 +127,7 @@ def _lesion_table(rows: list[repo.LesionRow], *, with_study: bool) -> Table:
 @click.pass_context
 def lesions(ctx: click.Context, study_uid: str | None, limit: int, as_json: bool) -> None:
     """Lesions of the newest analysed version of one study (or of every study)."""
-    with _session(ctx) as session:
+    with readonly_session(ctx) as session:
         rows = repo.list_lesions(session, study_uid, limit=limit)
     if as_json:
         _emit_json([asdict(r) for r in rows])
@@ -141,7 +141,7 @@ def lesions(ctx: click.Context, study_uid: str | None, limit: int, as_json: bool
 @click.pass_context
 def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
     """Everything about one study: series, versions, analyses, lesions, reports, exports."""
-    with _session(ctx) as session:
+    with readonly_session(ctx) as session:
         detail = repo.study_detail(session, study_uid)
         lesion_rows = repo.list_lesions(session, study_uid) if detail is not None else []
     if detail is None:
@@ -153,7 +153,7 @@ def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
     console.print(f"[bold]Study[/bold] {detail['study_uid']}")
     console.print(
         f"status {detail['status']}, {detail['instances']} instances, "
-        f"first received {_when(detail['first_received_at'])}, last {_when(detail['last_received_at'])}"
+        f"first received {format_when(detail['first_received_at'])}, last {format_when(detail['last_received_at'])}"
         + (", late instances pending" if detail["has_late_instances"] else "")
     )
     series = Table(title="Series")
@@ -171,7 +171,7 @@ def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
             str(v["version"]),
             v["state"],
             v["completion_rule"],
-            _when(v["ready_at"]),
+            format_when(v["ready_at"]),
             str(v["instances"]),
             a.get("status", "—"),
             " ".join(x for x in (a.get("reason_code"), a.get("reason")) if x) or "—",

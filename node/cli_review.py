@@ -22,9 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from library import load_library
-from node.cli_results import _console, _session, _when
+from node.cli_results import format_when, readonly_session
 from node.db import Database, open_database
 from node.db.reviews import ReviewError, ReviewRow, confirm_location, correct_location, list_reviews
+from node.presentation import wide_console
 from node.settings import LocusSettings
 
 
@@ -98,7 +99,7 @@ def _table(rows: list[ReviewRow], latest: bool) -> Table:
         table.add_column(name, no_wrap=name in ("Study Instance UID", "Site id"))
     for r in rows:  # escape(): names are data, not rich markup
         table.add_row(r.study_uid, str(r.version), r.lesion_id, r.action, r.site_id, escape(r.site_name),
-                      r.previous_site_id or "—", r.predicted_site_id or "—", escape(r.reviewer), _when(r.at))
+                      r.previous_site_id or "—", r.predicted_site_id or "—", escape(r.reviewer), format_when(r.at))
     return table
 
 
@@ -109,9 +110,9 @@ def _table(rows: list[ReviewRow], latest: bool) -> Table:
 @click.pass_context
 def list_command(ctx: click.Context, study_uid: str | None, latest: bool, as_json: bool) -> None:
     """Review history, oldest first (of one study, or of all)."""
-    with _session(ctx) as session:
+    with readonly_session(ctx) as session:
         rows = list_reviews(session, study_uid, latest_only=latest)
     if as_json:
         click.echo(_json([asdict(r) for r in rows]))
         return
-    _console().print(_table(rows, latest))
+    wide_console().print(_table(rows, latest))

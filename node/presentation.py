@@ -13,7 +13,7 @@ from rich.table import Table
 def wide_console() -> Console:
     """A console for tables: the terminal's width, or 200 columns when output is redirected
     (rich would otherwise fold long site names into 80 columns in logs and CI output)."""
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    return Console(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
