@@ -101,6 +101,9 @@ class DicomSettings(_Section):
     # the GIL, so several parallel associations need several processes to use several
     # cores. 1 = the serving process only.
     listener_processes: int = Field(default=1, ge=1, le=64)
+    # Wake association threads when data or a message arrives instead of pynetdicom's
+    # 1 ms polling (node.listener.transport); false falls back to pynetdicom's loops.
+    event_driven_associations: bool = True
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)

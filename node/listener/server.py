@@ -31,6 +31,7 @@ from node.listener.ae import (
 )
 from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle_store
 from node.listener.index_writer import IndexWriter
+from node.listener.transport import LocusRequestHandler, SharedSyntaxContext
 from node.storage import Spool
 
 if TYPE_CHECKING:
@@ -62,6 +63,9 @@ class ListenerConfig:
     # n > 1 adds n - 1 child processes bound with SO_REUSEPORT (one more core each).
     processes: int = 1
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for every process when processes > 1)
+    # Association loops woken by their queues instead of pynetdicom's 1 ms polling
+    # (node.listener.transport, node.listener.acceptor). False = pynetdicom's loops.
+    event_driven: bool = True
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> ListenerConfig:
@@ -80,6 +84,7 @@ class ListenerConfig:
             maximum_pdu_size=d.max_pdu,
             accept_compressed=d.accept_compressed,
             processes=d.listener_processes,
+            event_driven=d.event_driven_associations,
         )
 
 
@@ -146,12 +151,15 @@ class _ReusePortServer(ThreadedAssociationServer):
 
 
 def _serve(ae: AE, cfg: ListenerConfig, handlers: list[Any]) -> ThreadedAssociationServer:
-    """``AE.start_server(block=False)``, with SO_REUSEPORT when the config asks for it."""
-    if not cfg.reuse_port:
-        server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
-        assert server is not None  # block=False always returns the server
-        return server
-    server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, server_class=_ReusePortServer)
+    """What ``AE.start_server(block=False)`` does, with Locus's receive path
+    (node.listener.transport) and, when the config asks for it, SO_REUSEPORT."""
+    server_class = _ReusePortServer if cfg.reuse_port else ThreadedAssociationServer
+    server = ae.make_server(
+        (cfg.host, cfg.port), evt_handlers=handlers, server_class=server_class,
+        request_handler=LocusRequestHandler,
+        contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
+    )
+    server.locus_event_driven = cfg.event_driven  # read by LocusRequestHandler
     ae._servers.append(server)  # as start_server does, so AE.shutdown() stops it too
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{cfg.port}", daemon=True)
     thread.start()

@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -305,17 +306,22 @@ def send(port: int, groups: list[list[Path]]) -> float:
 
 
 def run_one(name: str, receiver: Callable[[Path, int], object], work: Path,
-            groups: list[list[Path]]) -> Result:
+            groups: list[list[Path]], round_no: int) -> Result:
     files = [f for g in groups for f in g]
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    sub = work / f"{name}-{len(groups)}"
+    sub = work / f"{name}-{len(groups)}-r{round_no}"
     sub.mkdir()
     port = free_port()
     with receiver(sub, port) as count:  # type: ignore[attr-defined]
         wait_port(port)
         seconds = send(port, groups)
         stored = count()
+    shutil.rmtree(sub, ignore_errors=True)  # every receiver starts from the same disk state
     return Result(name, len(groups), len(files), megabytes, seconds, stored)
+
+
+def median_rate(results: list[Result]) -> float:
+    return float(statistics.median(r.per_s for r in results))
 
 
 def main() -> None:
@@ -325,6 +331,8 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="Locus results database (default: SQLite in the temp dir)")
     parser.add_argument("--listener-processes", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes of the second Locus receiver (SO_REUSEPORT); 1 = skip it")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs per receiver and association count, in rotating order; medians are compared")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--sqlite-normal", action="store_true",
                         help="add a Locus receiver on SQLite synchronous=NORMAL, to measure the cost of FULL")
@@ -352,25 +360,40 @@ def main() -> None:
         receivers.update({"storescp": storescp_receiver, "orthanc": orthanc_receiver})
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         results: list[Result] = []
+        names = list(receivers)
         for groups in (one, many):
-            for name, factory in receivers.items():
-                r = run_one(name, factory, work, groups)
-                results.append(r)
-                print(
-                    f"{r.receiver:<10} {r.associations} assoc  {r.instances} inst  {r.seconds:6.2f} s  "
-                    f"{r.per_s:7.1f} inst/s  {r.mb_s:6.1f} MB/s  stored={r.stored}",
-                    flush=True,
-                )
-        by = {(r.receiver, r.associations): r for r in results}
+            for round_no in range(args.rounds):
+                # Rotate the order each round: the disk's state drifts during a run
+                # (measured: the same receiver varied by up to 1.8x between runs).
+                shift = round_no % len(names)
+                for name in names[shift:] + names[:shift]:
+                    r = run_one(name, receivers[name], work, groups, round_no)
+                    results.append(r)
+                    print(
+                        f"{r.receiver:<10} {r.associations} assoc  round {round_no + 1}  {r.instances} inst  "
+                        f"{r.seconds:6.2f} s  {r.per_s:7.1f} inst/s  {r.mb_s:6.1f} MB/s  stored={r.stored}",
+                        flush=True,
+                    )
+        print()
+        print(f"medians of {args.rounds} round(s):")
+        runs: dict[tuple[str, int], list[Result]] = {}
+        for r in results:
+            runs.setdefault((r.receiver, r.associations), []).append(r)
+        for (name, n), rs in runs.items():
+            rates = sorted(r.per_s for r in rs)
+            print(
+                f"{name:<10} {n} assoc  median {median_rate(rs):7.1f} inst/s  "
+                f"{statistics.median(r.mb_s for r in rs):6.1f} MB/s  (min {rates[0]:.1f}, max {rates[-1]:.1f})"
+            )
         print()
         for n in (1, args.parallel):
-            orth, scp = by[("orthanc", n)], by[("storescp", n)]
+            orth, scp = median_rate(runs[("orthanc", n)]), median_rate(runs[("storescp", n)])
             for name in receivers:
                 if name.startswith("locus"):
-                    loc = by[(name, n)]
+                    loc = median_rate(runs[(name, n)])
                     print(
-                        f"{n} association(s), {name}: Locus/Orthanc = {loc.per_s / orth.per_s:.2f}, "
-                        f"Locus/storescp = {loc.per_s / scp.per_s:.2f}"
+                        f"{n} association(s), {name}: Locus/Orthanc = {loc / orth:.2f}, "
+                        f"Locus/storescp = {loc / scp:.2f}"
                     )
         incomplete = [r for r in results if r.stored != r.instances]
         if incomplete:
