@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
@@ -178,6 +180,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_partial_names = itertools.count()
+
+
+def _create_partial(directory: Path, sop_uid: str) -> tuple[int, Path]:
+    """Create a new, empty temporary file for one instance in ``directory``.
+
+    The name is unique to this process, thread and call (``O_EXCL`` still guards it), so
+    no random name has to be drawn and retried as ``tempfile.mkstemp`` does; a leftover
+    of a crashed process with the same pid falls back to ``mkstemp``. The ``.part``
+    suffix marks it for :meth:`LocalSpool.sweep_partials`.
+    """
+    name = f".{sop_uid}.{os.getpid()}-{threading.get_ident()}-{next(_partial_names)}{_PARTIAL_SUFFIX}"
+    path = directory / name
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+    except FileExistsError:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{sop_uid}.", suffix=_PARTIAL_SUFFIX, dir=directory)
+        return fd, Path(tmp_name)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until everything is written (a write may be short, e.g. on signals)."""
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+
+
 def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``path`` so that readers see the old state or the whole new file, never a part.
 
@@ -314,20 +344,21 @@ class LocalSpool:
             Path(data), target, sync_dir=sync_dir
         ):
             return relpath
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{sop_uid}.", suffix=_PARTIAL_SUFFIX, dir=target.parent
-        )
-        tmp = Path(tmp_name)
+        fd, tmp = _create_partial(target.parent, sop_uid)
         try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    out.write(data)
-                else:
-                    with open(data, "rb") as src:
-                        shutil.copyfileobj(src, out, _COPY_CHUNK)
-                out.flush()
-                if self.fsync:
-                    os.fsync(out.fileno())
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                try:
+                    _write_all(fd, data)
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                with os.fdopen(fd, "wb") as out, open(data, "rb") as src:
+                    shutil.copyfileobj(src, out, _COPY_CHUNK)
+                    out.flush()
+                    if self.fsync:
+                        os.fsync(out.fileno())
             self._publish(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -47,7 +47,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from node.db import repo
 from node.db.base import Database
 from node.listener.index_writer import DirectorySyncError, IndexWriter
-from node.listener.parsing import MalformedDataSet, check_encoding, index_fields
+from node.listener.parsing import MalformedDataSet, checked_index_fields
 from node.listener.status import StoreStatus, status_dataset
 from node.storage import Spool, SpoolFullError, is_valid_uid, relpath_for
 from pipelines.errors import InputError
@@ -169,8 +169,7 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
         file_bytes, raw, transfer_syntax = _part10_bytes(event, command_class, command_sop)
 
         try:
-            check_encoding(raw, transfer_syntax)
-            fields = index_fields(file_bytes)
+            fields = checked_index_fields(raw, transfer_syntax, file_bytes)
         except MalformedDataSet as exc:
             raise _Refused(StoreStatus.CANNOT_UNDERSTAND, "malformed_dataset", str(exc)) from exc
 

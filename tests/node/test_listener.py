@@ -31,10 +31,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from node.db import repo
 from node.db.base import Database
+from node.db.ingest import BatchRecorder
 from node.db.models import AuditEvent, Instance, Series
 from node.listener.ae import AllowedCaller, CallerPolicy
 from node.listener.index_writer import DirectorySyncError, IndexWriter, IndexWriterStopped
@@ -557,17 +558,22 @@ class _CommitGate:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.fail: Exception | None = None
-        event.listen(db.engine, "commit", self._on_commit)
-        self._db = db
+        # The writer commits on a DBAPI connection (node.db.ingest.BatchRecorder), so the
+        # gate wraps the recorder's commit step rather than a SQLAlchemy event.
+        self._original = BatchRecorder._commit
+        gate = self
 
-    def _on_commit(self, _conn: Any) -> None:
-        self.entered.set()
-        assert self.release.wait(20), "test never released the commit"
-        if self.fail is not None:
-            raise self.fail
+        def gated_commit(recorder: BatchRecorder, raw: Any, cur: Any) -> None:
+            gate.entered.set()
+            assert gate.release.wait(20), "test never released the commit"
+            if gate.fail is not None:
+                raise gate.fail
+            gate._original(recorder, raw, cur)
+
+        BatchRecorder._commit = gated_commit  # type: ignore[method-assign]
 
     def remove(self) -> None:
-        event.remove(self._db.engine, "commit", self._on_commit)
+        BatchRecorder._commit = self._original  # type: ignore[method-assign]
 
 
 def _record_in_threads(
