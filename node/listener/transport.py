@@ -39,6 +39,7 @@ import logging
 import os
 import queue
 import select
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -108,12 +109,16 @@ class WakePipe:
     def __init__(self) -> None:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.closed = False
+        self._pending = False
         self._finalizer = weakref.finalize(self, _close_fds, self._r, self._w)
 
     def fileno(self) -> int:
         return self._r
 
     def signal(self) -> None:
+        if self._pending:  # already readable: the reader will look at every queue
+            return
+        self._pending = True
         # A full pipe already wakes the reader; a closed one has nobody left to wake.
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._w, b"\0")
@@ -122,6 +127,9 @@ class WakePipe:
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._r, 4096):
                 pass
+        # Cleared only after reading: a signal skipped in between had queued its item
+        # before signalling, and the reader looks at its queues after every drain.
+        self._pending = False
 
     def close(self) -> None:
         self.closed = True
@@ -188,8 +196,15 @@ def make_event_driven(assoc: Association) -> None:
     pipe = WakePipe()
     sock.wake_pipe = pipe
     dul = assoc.dul
-    dul.event_queue = WakingQueue.replacing(dul.event_queue, pipe.signal)
-    dul.to_provider_queue = WakingQueue.replacing(dul.to_provider_queue, pipe.signal)
+
+    def wake_dul() -> None:
+        # The DUL thread queues events for itself (Evt10 for every P-DATA PDU it reads);
+        # only other threads' puts need to interrupt its wait.
+        if threading.current_thread() is not dul:
+            pipe.signal()
+
+    dul.event_queue = WakingQueue.replacing(dul.event_queue, wake_dul)
+    dul.to_provider_queue = WakingQueue.replacing(dul.to_provider_queue, wake_dul)
     dul._run_loop_delay = 0  # the loop's waiting happens in BulkReceiveSocket.ready
     EventDrivenAcceptor.adopt(assoc)
 
