@@ -7,6 +7,8 @@ from datetime import datetime
 from typing import Any
 
 import re
+import sqlite3
+import time
 from collections.abc import Callable, Sequence
 
 from sqlalchemy import select
@@ -371,7 +373,7 @@ class BatchRecorder:
                 if self.db.is_sqlite:
                     # The connection runs in autocommit mode (node.db.base); take the write
                     # lock now, as the engine's begin hook does for every write transaction.
-                    cur.execute("BEGIN IMMEDIATE")
+                    self._begin_immediate(cur)
                 # psycopg (PostgreSQL) opens its transaction implicitly with the first statement.
                 for rec, now, known in items:
                     results.append(self._one(cur, dialect, rec, now, known))
@@ -382,6 +384,26 @@ class BatchRecorder:
             self.close()  # rolled back; the next batch starts on a fresh connection
             raise
         return results
+
+    def _begin_immediate(self, cur: Any) -> None:
+        """``BEGIN IMMEDIATE``, retried every 0.2 ms while another process holds the lock.
+
+        Several listener processes (node.listener.processes) share one SQLite file; its
+        busy handler sleeps 1, 2, 5, 10 ... ms between attempts, far longer than the
+        ~0.3 ms another writer holds the lock for a batch, so this connection runs with
+        ``busy_timeout=0`` (set in :meth:`_connection`) and retries here, within the same
+        overall limit (``sqlite_busy_timeout_ms``). Inside the transaction no other lock
+        is needed: WAL readers never block the writer.
+        """
+        deadline = time.monotonic() + self.db.sqlite_busy_timeout_ms / 1000
+        while True:
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.0002)
 
     def _commit(self, raw: Any, cur: Any) -> None:
         if self.db.is_sqlite:
@@ -406,7 +428,12 @@ class BatchRecorder:
 
     def _connection(self) -> Any:
         if self._raw is None:
-            self._raw = self.db.engine.raw_connection()
+            raw = self.db.engine.raw_connection()
+            if self.db.is_sqlite:
+                cur = raw.cursor()
+                cur.execute("PRAGMA busy_timeout=0")  # retried in _begin_immediate instead
+                cur.close()
+            self._raw = raw
         return self._raw
 
     def close(self) -> None:
@@ -417,6 +444,10 @@ class BatchRecorder:
             return
         try:
             raw.rollback()
+            if self.db.is_sqlite:  # back to the engine's setting before the pool reuses it
+                cur = raw.cursor()
+                cur.execute(f"PRAGMA busy_timeout={int(self.db.sqlite_busy_timeout_ms)}")
+                cur.close()
             raw.close()
         except Exception:  # noqa: BLE001 - a broken connection is discarded, not pooled
             try:

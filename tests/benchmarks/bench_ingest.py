@@ -294,14 +294,17 @@ def send(port: int, groups: list[list[Path]]) -> float:
         subprocess.Popen(
             [STORESCU, "-R", "-aet", "BENCH", "-aec", "LOCUS", "--max-pdu", "131072",
              "127.0.0.1", str(port), *map(str, files)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for files in groups
     ]
+    failures = []
     for p in procs:
-        _, err = p.communicate()
+        out, _ = p.communicate()
         if p.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err[-500:]}")
+            failures.append(f"exit {p.returncode}: {out[-300:]}")
+    if failures:
+        raise RuntimeError(f"storescu failed: {failures}")
     return time.perf_counter() - started
 
 
@@ -311,11 +314,20 @@ def run_one(name: str, receiver: Callable[[Path, int], object], work: Path,
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     sub = work / f"{name}-{len(groups)}-r{round_no}"
     sub.mkdir()
-    port = free_port()
-    with receiver(sub, port) as count:  # type: ignore[attr-defined]
-        wait_port(port)
-        seconds = send(port, groups)
-        stored = count()
+    for attempt in (1, 2):
+        port = free_port()
+        attempt_dir = sub / f"try{attempt}"
+        attempt_dir.mkdir()
+        try:
+            with receiver(attempt_dir, port) as count:  # type: ignore[attr-defined]
+                wait_port(port)
+                seconds = send(port, groups)
+                stored = count()
+            break
+        except RuntimeError as exc:  # e.g. a peer that refused an association at start-up
+            if attempt == 2:
+                raise
+            print(f"  ({name}: {exc}; run repeated)", flush=True)
     shutil.rmtree(sub, ignore_errors=True)  # every receiver starts from the same disk state
     return Result(name, len(groups), len(files), megabytes, seconds, stored)
 

@@ -777,3 +777,58 @@ def test_file_meta_encoded_as_pynetdicom_would() -> None:
         meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=ts)
         assert file_meta_bytes(sop_class, sop, ts) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
 
+
+
+def _hold_write_lock(db_file: Path, seconds: float) -> threading.Thread:
+    """Another process's writer, as far as SQLite can tell: a second connection that
+    holds the write lock (BEGIN IMMEDIATE) for ``seconds``."""
+    import sqlite3
+
+    other = sqlite3.connect(db_file, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    def release() -> None:
+        time.sleep(seconds)
+        other.execute("COMMIT")
+        other.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+def test_writer_waits_for_a_lock_held_by_another_writer_then_commits(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'shared.db'}", sqlite_busy_timeout_ms=10_000)
+    database.upgrade()
+    recorder = BatchRecorder(database)
+    try:
+        holder = _hold_write_lock(tmp_path / "shared.db", 0.3)
+        (outcome,) = recorder.record_batch([(_rec(0), NOW, None)])  # retried until the lock is free
+        holder.join()
+        assert isinstance(outcome, repo.RecordOutcome) and outcome.new
+        assert _row_counts(database) == (1, 1, 1)
+        # The pooled connection gets the engine's busy timeout back when the recorder lets go.
+        recorder.close()
+        with database.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 10_000
+    finally:
+        recorder.close()
+        database.dispose()
+
+
+def test_writer_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'shared.db'}", sqlite_busy_timeout_ms=100)
+    database.upgrade()
+    recorder = BatchRecorder(database)
+    holder = _hold_write_lock(tmp_path / "shared.db", 1.0)
+    try:
+        with pytest.raises(Exception, match="locked"):
+            recorder.record_batch([(_rec(0), NOW, None)])
+    finally:
+        holder.join()
+        recorder.close()
+        database.dispose()
+    # Nothing was indexed: the C-STORE would be answered 0xA701 and resent.
+    check = Database(f"sqlite:///{tmp_path / 'shared.db'}")
+    assert _row_counts(check) == (0, 0, 0)
+    check.dispose()
