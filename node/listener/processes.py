@@ -1,29 +1,36 @@
-"""Extra listener processes on the same port (``SO_REUSEPORT``), for CPU-bound ingest.
+"""Extra listener processes behind one port, for CPU-bound ingest.
 
 pynetdicom decodes PDUs and DIMSE messages in Python, so one process receives at most
 what one core can do under the GIL, however many associations are open. With
-``processes > 1`` the listener binds its port with ``SO_REUSEPORT`` and starts that many
-minus one child processes (``spawn``: no inherited threads or locks) that bind the same
-port the same way; the Linux kernel spreads incoming connections over the sockets
-(per connection, so one association always stays in one process).
+``processes > 1`` the serving process starts that many minus one child processes
+(``spawn``: no inherited threads or locks) and hands accepted connections to them in
+turn: the serving process accepts every TCP connection on the port and passes every
+n-th socket to a child over a Unix socket (``SCM_RIGHTS``, ``multiprocessing.reduction``),
+keeping its own share; one association always stays in one process. Round robin rather
+than ``SO_REUSEPORT``: the kernel spreads ``SO_REUSEPORT`` connections by a hash of their
+addresses, which put 3 of 4 parallel associations in one process half of the time
+(measured with tests/benchmarks/bench_ingest.py). Children bind no public port.
 
 Each child is a complete listener: its own database engine and group-commit writer
 (node.listener.index_writer) and the same spool, so the durability contract of
 ``node.listener.handlers`` holds per C-STORE in every process. Several writers on one
-SQLite file take turns on its write lock (``BEGIN IMMEDIATE`` + busy timeout); on
-PostgreSQL they commit concurrently.
+SQLite file take turns on its write lock (``BEGIN IMMEDIATE``, retried); on PostgreSQL
+they commit concurrently.
 
 A child that dies is logged and started again (its open associations are lost, as
-with any crash: their senders got no Success and resend). Stopping the parent stops
-the children; a child also stops when its parent disappears.
+with any crash: their senders got no Success and resend); while it is down its turns
+go to the serving process. Stopping the parent stops the children; a child also stops
+when its parent disappears.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import socket
 import threading
 import time
+from multiprocessing.reduction import recv_handle, send_handle
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,13 +54,14 @@ class ChildSpec:
     log_level: str = "INFO"
 
 
-def _child_main(spec: ChildSpec, control: Any) -> None:
+def _child_main(spec: ChildSpec, control: Any, handoff: Any) -> None:
     """Entry point of one child listener process (spawned).
 
     ``control`` is this child's end of a pipe to the parent: the child sends "ready" once
     it accepts, and stops on any message or on end-of-file (the parent is gone). A pipe,
     not a ``multiprocessing.Event``: an Event's lock held by a process killed with
-    SIGKILL would block the parent forever.
+    SIGKILL would block the parent forever. ``handoff`` brings the sockets of the
+    connections the parent passes to this process.
     """
     from node.db.base import Database
     from node.listener.server import start_listener
@@ -64,6 +72,10 @@ def _child_main(spec: ChildSpec, control: Any) -> None:
     db = Database(spec.database_url, sqlite_busy_timeout_ms=spec.sqlite_busy_timeout_ms)
     spool = LocalSpool(spec.spool_root, watermark=spec.watermark, create=False)
     server = start_listener(spec.listener, db, spool)
+    receiver = threading.Thread(
+        target=_receive_connections, args=(handoff, server.server), name="listener-handoff", daemon=True
+    )
+    receiver.start()
     try:
         control.send("ready")
         control.poll(None)  # blocks until "stop" or EOF
@@ -74,6 +86,31 @@ def _child_main(spec: ChildSpec, control: Any) -> None:
         db.dispose()
 
 
+def _receive_connections(handoff: Any, server: Any) -> None:
+    """Serve each connection socket the parent passes, as if this process accepted it."""
+    while True:
+        try:
+            fd = recv_handle(handoff)
+        except (EOFError, OSError):
+            return  # the parent is gone or stopping
+        conn = socket.socket(fileno=fd)
+        try:
+            peer = conn.getpeername()
+        except OSError:  # the peer left before we got it
+            conn.close()
+            continue
+        # socketserver's path for an accepted request: a thread runs pynetdicom's
+        # request handler (association, AE checks, handlers), then closes the socket.
+        server.process_request(conn, peer)
+
+
+@dataclass
+class _Child:
+    process: Any
+    control: Any  # parent's end of the control pipe
+    handoff: Any  # parent's end of the connection hand-off pipe
+
+
 @dataclass
 class ListenerChildren:
     """The child listener processes of one listener, kept at ``count`` while running."""
@@ -81,22 +118,26 @@ class ListenerChildren:
     spec: ChildSpec
     count: int
     _ctx: Any = field(default_factory=lambda: multiprocessing.get_context("spawn"), repr=False)
-    _procs: list[tuple[Any, Any]] = field(default_factory=list, repr=False)  # (process, control pipe)
+    _procs: list[_Child] = field(default_factory=list, repr=False)
     _monitor: threading.Thread | None = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _turn: int = field(default=0, repr=False)
+    handed_off: int = 0  # connections passed to children (observability and tests)
 
     def start(self) -> None:
         self._procs = [self._spawn(n) for n in range(self.count)]
         self._monitor = threading.Thread(target=self._watch, name="listener-children", daemon=True)
         self._monitor.start()
 
-    def _spawn(self, n: int) -> tuple[Any, Any]:
+    def _spawn(self, n: int) -> _Child:
         ours, theirs = self._ctx.Pipe()
+        give, take = self._ctx.Pipe()  # duplex: a Unix socket pair, able to carry descriptors
         proc = self._ctx.Process(
-            target=_child_main, args=(self.spec, theirs), name=f"locus-listener-{n + 1}", daemon=True
+            target=_child_main, args=(self.spec, theirs, take), name=f"locus-listener-{n + 1}", daemon=True
         )
         proc.start()
         theirs.close()
+        take.close()
         deadline = time.monotonic() + _CHILD_READY_TIMEOUT_S
         try:
             while not ours.poll(0.2):
@@ -109,18 +150,42 @@ class ListenerChildren:
             proc.kill()
             proc.join(5)
             ours.close()
+            give.close()
             raise RuntimeError(f"listener process {n + 1} did not start: {exc}") from exc
-        LOGGER.info("listener process %d (pid %d) accepting on port %d", n + 1, proc.pid, self.spec.listener.port)
-        return proc, ours
+        LOGGER.info("listener process %d (pid %d) serving its share of associations", n + 1, proc.pid)
+        return _Child(proc, ours, give)
+
+    def hand_off(self, conn: socket.socket) -> bool:
+        """Pass ``conn`` to the child whose turn it is; False = the caller serves it.
+
+        Turns go round the serving process and every child; a child that is down (or
+        whose pipe fails) gives its turn back to the caller. Called from the accepting
+        thread only.
+        """
+        turn = self._turn
+        self._turn = (turn + 1) % (len(self._procs) + 1)
+        if turn == 0 or self._stopping.is_set():
+            return False
+        child = self._procs[turn - 1]
+        if not child.process.is_alive():
+            return False
+        try:
+            send_handle(child.handoff, conn.fileno(), child.process.pid)
+        except OSError as exc:
+            LOGGER.warning("could not hand a connection to listener process pid %s: %s", child.process.pid, exc)
+            return False
+        self.handed_off += 1
+        return True
 
     def _watch(self) -> None:
         while not self._stopping.wait(1.0):
-            for n, (proc, control) in enumerate(self._procs):
-                if proc.is_alive() or self._stopping.is_set():
+            for n, child in enumerate(self._procs):
+                if child.process.is_alive() or self._stopping.is_set():
                     continue
-                control.close()
+                child.control.close()
+                child.handoff.close()
                 LOGGER.error("listener process %d (pid %s) exited with %s; starting it again",
-                             n + 1, proc.pid, proc.exitcode)
+                             n + 1, child.process.pid, child.process.exitcode)
                 time.sleep(_RESTART_DELAY_S)
                 try:
                     self._procs[n] = self._spawn(n)
@@ -129,19 +194,21 @@ class ListenerChildren:
 
     @property
     def pids(self) -> list[int]:
-        return [int(p.pid) for p, _ in self._procs if p.is_alive()]
+        return [int(c.process.pid) for c in self._procs if c.process.is_alive()]
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join(10)
-        for _, control in self._procs:
+        for child in self._procs:
             try:
-                control.send("stop")
+                child.control.send("stop")
             except OSError:  # that child is gone already
                 pass
-            control.close()
-        for proc, _ in self._procs:
+            child.control.close()
+            child.handoff.close()
+        for child in self._procs:
+            proc = child.process
             proc.join(timeout)
             if proc.is_alive():
                 LOGGER.warning("listener process pid %d did not stop; killing it", proc.pid)
@@ -153,7 +220,12 @@ def start_children(
     listener: Any, count: int, *, database_url: str, sqlite_busy_timeout_ms: int,
     spool_root: str, watermark: Watermark, log_level: str,
 ) -> ListenerChildren:
-    """Start ``count`` child listeners on ``listener.port`` (which must already be bound)."""
+    """Start ``count`` child listeners for connections handed over by :meth:`ListenerChildren.hand_off`.
+
+    Each child runs the listener configuration on an ephemeral loopback port that
+    nobody is told about (pynetdicom's server needs one to run); its associations all
+    arrive through the hand-off pipe.
+    """
     spec = ChildSpec(
         listener=replace(listener, processes=1),
         database_url=database_url,

@@ -8,7 +8,6 @@ results database and the spool, and returns a running :class:`ListenerServer`.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -59,10 +58,10 @@ class ListenerConfig:
     # directory fsyncs and index transactions across associations. False = one
     # transaction per C-STORE on the association's thread (kept for comparison).
     group_commit: bool = True
-    # Listener processes on this port (node.listener.processes): 1 = this process only;
-    # n > 1 adds n - 1 child processes bound with SO_REUSEPORT (one more core each).
+    # Listener processes behind this port (node.listener.processes): 1 = this process
+    # only; n > 1 adds n - 1 child processes that get every n-th connection (one more
+    # core each).
     processes: int = 1
-    reuse_port: bool = False  # bind with SO_REUSEPORT (set for every process when processes > 1)
     # Association loops woken by their queues instead of pynetdicom's 1 ms polling
     # (node.listener.transport, node.listener.acceptor). False = pynetdicom's loops.
     event_driven: bool = True
@@ -141,25 +140,29 @@ def _audit_refusal(db: Database) -> Any:
     return audit
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with SO_REUSEPORT (node.listener.processes)."""
+class _LocusServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server; with listener processes, it hands them their turns."""
 
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    locus_children: ListenerChildren | None = None  # set once the children run
+    locus_event_driven: bool = True  # read by LocusRequestHandler
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        children = self.locus_children
+        if children is not None and children.hand_off(request):
+            request.close()  # the child holds its own descriptor of the connection
+            return
+        super().process_request(request, client_address)
 
 
-def _serve(ae: AE, cfg: ListenerConfig, handlers: list[Any]) -> ThreadedAssociationServer:
+def _serve(ae: AE, cfg: ListenerConfig, handlers: list[Any]) -> _LocusServer:
     """What ``AE.start_server(block=False)`` does, with Locus's receive path
-    (node.listener.transport) and, when the config asks for it, SO_REUSEPORT."""
-    server_class = _ReusePortServer if cfg.reuse_port else ThreadedAssociationServer
+    (node.listener.transport) and its hand-off to listener processes."""
     server = ae.make_server(
-        (cfg.host, cfg.port), evt_handlers=handlers, server_class=server_class,
+        (cfg.host, cfg.port), evt_handlers=handlers, server_class=_LocusServer,
         request_handler=LocusRequestHandler,
         contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
     )
-    server.locus_event_driven = cfg.event_driven  # read by LocusRequestHandler
+    server.locus_event_driven = cfg.event_driven
     ae._servers.append(server)  # as start_server does, so AE.shutdown() stops it too
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{cfg.port}", daemon=True)
     thread.start()
@@ -198,8 +201,6 @@ def start_listener(
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
     ]
-    if cfg.processes > 1:
-        cfg = replace(cfg, reuse_port=True)
     try:
         server = _serve(ae, cfg, handlers)
     except BaseException:  # e.g. the port is taken: do not leave the writer thread behind
@@ -212,7 +213,8 @@ def start_listener(
 
         try:
             running.children = start_children(
-                replace(cfg, port=running.port, processes=1),
+                # Children get connections handed over only: an unannounced loopback port.
+                replace(cfg, host="127.0.0.1", port=0, processes=1),
                 cfg.processes - 1,
                 database_url=db.url.render_as_string(hide_password=False),
                 sqlite_busy_timeout_ms=db.sqlite_busy_timeout_ms,
@@ -223,6 +225,7 @@ def start_listener(
         except BaseException:
             running.shutdown()
             raise
+        server.locus_children = running.children
     LOGGER.info(
         "DICOM listener %s on %s:%d (spool %r, %d allowed callers)",
         cfg.ae_title, running.host, running.port, spool, len(policy.allowed),

@@ -724,42 +724,47 @@ def test_listener_directory_sync_failure_answers_out_of_resources(
     assert [r["code"] for r in _rejections(db)] == ["write_failed"]
 
 
-# ------------------------------------------------------------------ listener processes (SO_REUSEPORT)
+# ------------------------------------------------------------------ listener processes (hand-off)
 
 
-def test_listener_processes_share_the_port_and_a_dead_one_is_restarted(
+def test_listener_processes_take_turns_and_a_dead_one_is_restarted(
     db: Database, spool: LocalSpool, data_dir: Path
 ) -> None:
     server = _start(db, spool, processes=2)
-    own_socket_closed = False
+    template = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
+
+    def send_one() -> str:
+        ds = copy.deepcopy(template)
+        ds.SOPInstanceUID = generate_uid()
+        assert _send(server, [ds])[0].Status == 0
+        return str(ds.SOPInstanceUID)
+
     try:
         assert server.children is not None and len(server.children.pids) == 1
         (child,) = server.children.pids
-        # Close this process's own socket: from now on only the child can accept.
-        server.server.shutdown()
-        server.server.server_close()
-        own_socket_closed = True
-        ds = pydicom.dcmread(data_dir / CT_DIR / "01.dcm")
-        assert _send(server, [ds])[0].Status == 0
-        assert set(_instances(db)) == {str(ds.SOPInstanceUID)}  # indexed by the child's writer
+        assert server.context.writer is not None
+        sent = [send_one() for _ in range(4)]  # turns: parent, child, parent, child
+        assert server.children.handed_off == 2
+        assert server.context.writer.records == 2  # the other two were indexed by the child
+        assert set(_instances(db)) == set(sent)
 
         os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and child in server.children.pids:
+            time.sleep(0.05)
+        sent += [send_one(), send_one()]  # the dead child's turn goes back to the parent
+        assert server.children.handed_off == 2
+
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and server.children.pids in ([], [child]):
             time.sleep(0.2)
         (restarted,) = server.children.pids
         assert restarted != child
-        ds2 = copy.deepcopy(ds)
-        ds2.SOPInstanceUID = generate_uid()
-        assert _send(server, [ds2])[0].Status == 0
-        assert len(_instances(db)) == 2
+        sent += [send_one(), send_one()]
+        assert server.children.handed_off == 3  # the restarted child serves its turns again
+        assert set(_instances(db)) == set(sent)
     finally:
-        if own_socket_closed:  # stop what is left of the listener
-            assert server.children is not None and server.context.writer is not None
-            server.children.stop()
-            server.context.writer.close()
-        else:
-            server.shutdown()
+        server.shutdown()
     assert server.children.pids == []
 
 
