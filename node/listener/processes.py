@@ -30,8 +30,8 @@ import multiprocessing
 import socket
 import threading
 import time
-from multiprocessing.reduction import recv_handle, send_handle
 from dataclasses import dataclass, field, replace
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from node.storage import Watermark
