@@ -97,9 +97,10 @@ class DicomSettings(_Section):
     require_called_ae_title: bool = True  # reject associations addressed to another AE title
     max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (dicom-guide.md §7.1)
     max_associations: int = Field(default=8, ge=1)  # per listener process
-    # Listener processes sharing the port (SO_REUSEPORT): pynetdicom is CPU-bound under
-    # the GIL, so several parallel associations need several processes to use several
-    # cores. 1 = the serving process only.
+    # Listener processes behind the port: pynetdicom is CPU-bound under the GIL, so
+    # several parallel associations need several processes to use several cores. The
+    # serving process hands every n-th connection to a child (round robin). 1 = the
+    # serving process only; about one per core for sites with parallel senders.
     listener_processes: int = Field(default=1, ge=1, le=64)
     # Wake association threads when data or a message arrives instead of pynetdicom's
     # 1 ms polling (node.listener.transport); false falls back to pynetdicom's loops.

@@ -10,7 +10,7 @@ one after another, first over one association and then over four parallel ones:
   link into the spool, directory fsync, index row committed in the results database
   (SQLite ``synchronous=FULL`` by default, ``--database-url`` for PostgreSQL), with the
   group-commit writer. Run once as one process (``locus``) and once with
-  ``--listener-processes`` processes sharing the port (``locus-Np``, SO_REUSEPORT);
+  ``--listener-processes`` processes taking turns at associations (``locus-Np``);
 * dcmtk ``storescp`` writing files (no fsync, no index: the upper bound);
 * Orthanc (``/usr/sbin/Orthanc``, Debian 1.10.1) with a generated configuration: its
   defaults, stated explicitly: ``SyncStorageArea`` true (one fdatasync per stored file,
@@ -20,10 +20,14 @@ one after another, first over one association and then over four parallel ones:
   ``--sqlite-normal`` adds a Locus receiver with SQLite ``synchronous=NORMAL``
   (``locus-norm``), to measure what Locus's ``FULL`` costs.
 
-Prints instances/s and MB/s per receiver and run, the load average before and after,
-and the ratios Locus/Orthanc and Locus/storescp. Usage::
+Each receiver runs ``--rounds`` times (default 3) per association count, in an order
+that rotates every round, each run on a fresh receiver and directory: the disk's speed
+drifts during a run (the same receiver varied by up to 1.8x between runs here), so the
+ratios compare medians. Prints instances/s and MB/s per run, the medians with their
+range, the load average before and after, and the ratios Locus/Orthanc and
+Locus/storescp. Usage::
 
-    .venv/bin/python tests/benchmarks/bench_ingest.py [--count 300] [--parallel 4] [--listener-processes 2]
+    .venv/bin/python tests/benchmarks/bench_ingest.py [--count 300] [--parallel 4] [--listener-processes 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -342,7 +346,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--database-url", default=None, help="Locus results database (default: SQLite in the temp dir)")
     parser.add_argument("--listener-processes", type=int, default=min(4, os.cpu_count() or 1),
-                        help="processes of the second Locus receiver (SO_REUSEPORT); 1 = skip it")
+                        help="processes of the second Locus receiver (round-robin hand-off); 1 = skip it")
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs per receiver and association count, in rotating order; medians are compared")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
