@@ -96,3 +96,15 @@ def database(db_url: str, request: pytest.FixtureRequest) -> Iterator[Database]:
         yield db
     finally:
         db.dispose()
+
+
+@pytest.fixture
+def sqlite_db(_sqlite_template: Path, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty SQLite results database (for tests about something else)."""
+    path = tmp_path / "locus-sqlite.db"
+    shutil.copyfile(_sqlite_template, path)
+    db = Database(f"sqlite:///{path}")
+    try:
+        yield db
+    finally:
+        db.dispose()

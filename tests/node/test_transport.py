@@ -14,7 +14,6 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,14 +151,6 @@ def test_standard_log_handlers_dropped_only_when_their_lines_are_discarded() -> 
 # ------------------------------------------------------------------ real associations
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'locus.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
-
-
 def _listener(db: Database, tmp_path: Path, **overrides: object) -> ListenerServer:
     cfg = ListenerConfig(ae_title="LOCUS", host="127.0.0.1", port=free_port(), **overrides)  # type: ignore[arg-type]
     return start_listener(cfg, db, LocalSpool(tmp_path / "spool"))
@@ -210,8 +201,8 @@ def _wait_until(condition: object, what: str, timeout: float = 10) -> None:
 
 
 @pytest.mark.parametrize("event_driven", [True, False])
-def test_store_echo_and_release_through_either_loop(db: Database, tmp_path: Path, event_driven: bool) -> None:
-    server = _listener(db, tmp_path, event_driven=event_driven)
+def test_store_echo_and_release_through_either_loop(sqlite_db: Database, tmp_path: Path, event_driven: bool) -> None:
+    server = _listener(sqlite_db, tmp_path, event_driven=event_driven)
     try:
         assoc = _associate(server)
         (acceptor,) = _server_side(server)
@@ -232,8 +223,8 @@ def test_store_echo_and_release_through_either_loop(db: Database, tmp_path: Path
         server.shutdown()
 
 
-def test_peer_abort_ends_the_event_driven_acceptor(db: Database, tmp_path: Path) -> None:
-    server = _listener(db, tmp_path)
+def test_peer_abort_ends_the_event_driven_acceptor(sqlite_db: Database, tmp_path: Path) -> None:
+    server = _listener(sqlite_db, tmp_path)
     aborted: list[str] = []
     try:
         assoc = _associate(server)
@@ -248,8 +239,8 @@ def test_peer_abort_ends_the_event_driven_acceptor(db: Database, tmp_path: Path)
         server.shutdown()
 
 
-def test_network_idle_timeout_still_ends_an_idle_association(db: Database, tmp_path: Path) -> None:
-    server = _listener(db, tmp_path, network_timeout=0.3)
+def test_network_idle_timeout_still_ends_an_idle_association(sqlite_db: Database, tmp_path: Path) -> None:
+    server = _listener(sqlite_db, tmp_path, network_timeout=0.3)
     try:
         assoc = _associate(server)
         (acceptor,) = _server_side(server)
