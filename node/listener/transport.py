@@ -20,14 +20,16 @@ What changes (behaviour, PDUs and the state machine are pynetdicom's, PS3.8 §9.
   latest every :data:`DUL_IDLE_WAIT_S` to look at its timers and kill flag, as
   pynetdicom's loop does after its sleep.
 * the acceptor loop (:class:`node.listener.acceptor.EventDrivenAcceptor`) waits on an
-  event set when a DIMSE message is complete or an A-RELEASE/A-ABORT arrives.
+  event set when a DIMSE message is complete or an A-RELEASE/A-ABORT arrives;
+* a successful C-STORE response is encoded without pydicom
+  (:mod:`node.listener.store_response`).
 
 Installed through pynetdicom's server extension point: ``AE.make_server(...,
 request_handler=LocusRequestHandler)``. The handler lets pynetdicom create and configure
 the association, then swaps in these classes (they add behaviour, not state, so the
 objects pynetdicom built stay valid) and the waking queues, before any thread of the
-association runs. ``ListenerConfig.event_driven=False`` keeps pynetdicom's stock loops
-(only the whole-PDU reads remain). pynetdicom is pinned (pyproject); the overrides are
+association runs. ``ListenerConfig.event_driven=False`` keeps pynetdicom's stock loops and message
+encoding (only the whole-PDU reads remain). pynetdicom is pinned (pyproject); the overrides are
 tested against that version (tests/node/test_transport.py) and must be reviewed with it.
 """
 
@@ -191,6 +193,7 @@ class BulkReceiveSocket(AssociationSocket):
 def make_event_driven(assoc: Association) -> None:
     """Give a just-created acceptor (threads not started) waking queues and loops."""
     from node.listener.acceptor import EventDrivenAcceptor
+    from node.listener.store_response import FastStoreResponses
 
     sock = cast(BulkReceiveSocket, assoc.dul.socket)
     pipe = WakePipe()
@@ -207,6 +210,7 @@ def make_event_driven(assoc: Association) -> None:
     dul.to_provider_queue = WakingQueue.replacing(dul.to_provider_queue, wake_dul)
     dul._run_loop_delay = 0  # the loop's waiting happens in BulkReceiveSocket.ready
     EventDrivenAcceptor.adopt(assoc)
+    assoc.dimse.__class__ = FastStoreResponses  # node.listener.store_response
 
 
 class SharedSyntaxContext(PresentationContext):

@@ -24,12 +24,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from node.db.base import Database
 from node.listener.acceptor import EventDrivenAcceptor
 from node.listener.server import ListenerConfig, ListenerServer, start_listener
+from node.listener.store_response import FastStoreResponses, _plain_store_success, encode_store_success
 from node.listener.transport import (
     BulkReceiveSocket,
     SharedSyntaxContext,
@@ -148,6 +151,39 @@ def test_standard_log_handlers_dropped_only_when_their_lines_are_discarded() -> 
         logger.setLevel(old)
 
 
+# ------------------------------------------------------------------ C-STORE response
+
+
+def _store_rsp(status: int = 0x0000, sop: str = "1.2.826.0.1.3680043.8.498.123", message_id: int = 7) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = sop
+    rsp.Status = status
+    return rsp
+
+
+@pytest.mark.parametrize("sop", ["1.2.3.4", "1.2.826.0.1.3680043.8.498.123"])  # even and odd lengths
+@pytest.mark.parametrize("message_id", [1, 0xFFFF])
+def test_fast_store_success_is_the_command_pynetdicom_would_send(sop: str, message_id: int) -> None:
+    message = C_STORE_RSP()
+    message.primitive_to_message(_store_rsp(sop=sop, message_id=message_id))
+    (pdata,) = list(message.encode_msg(5, 16382))
+    expected = pdata.presentation_data_value_list
+    assert expected == [(5, b"\x03" + encode_store_success(CTImageStorage, sop, message_id))]
+
+
+def test_only_plain_successes_take_the_fast_path() -> None:
+    assert _plain_store_success(_store_rsp()) is not None
+    assert _plain_store_success(_store_rsp(status=0xA700)) is None  # failures: pynetdicom encodes
+    commented = _store_rsp()
+    commented.ErrorComment = "stored"
+    assert _plain_store_success(commented) is None
+    request = _store_rsp()
+    request.MessageIDBeingRespondedTo = None
+    assert _plain_store_success(request) is None
+
+
 # ------------------------------------------------------------------ real associations
 
 
@@ -207,6 +243,7 @@ def test_store_echo_and_release_through_either_loop(sqlite_db: Database, tmp_pat
         assoc = _associate(server)
         (acceptor,) = _server_side(server)
         assert isinstance(acceptor, EventDrivenAcceptor) is event_driven
+        assert isinstance(acceptor.dimse, FastStoreResponses) is event_driven
         assert isinstance(acceptor.dul.socket, BulkReceiveSocket)  # whole-PDU reads either way
         ds = _ct()
         for _ in range(3):
