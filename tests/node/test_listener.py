@@ -667,6 +667,32 @@ def test_group_commit_refused_record_is_undone_alone(db: Database) -> None:
         assert [x.series_uid for x in s.scalars(select(Series))] == [GC_SERIES]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_refused_record_alone_in_its_batch_leaves_nothing(
+    backend: str, db: Database, request: pytest.FixtureRequest
+) -> None:
+    # A batch of one runs without a savepoint; its refusal rolls the whole transaction
+    # back, including the series row created before the conflict was found.
+    database = db if backend == "sqlite" else Database(request.getfixturevalue("pg_schema_url"))
+    if backend != "sqlite":
+        database.upgrade()
+    recorder = BatchRecorder(database)
+    try:
+        (first,) = recorder.record_batch([(_rec(1), NOW, None)])
+        assert isinstance(first, repo.RecordOutcome) and first.new
+        (refused,) = recorder.record_batch([(_rec(1, series=GC_SERIES + ".9"), NOW, None)])
+        assert isinstance(refused, InputError) and refused.code == "uid_conflict"
+        (second,) = recorder.record_batch([(_rec(2), NOW, None)])  # the connection is still usable
+        assert isinstance(second, repo.RecordOutcome) and second.new
+    finally:
+        recorder.close()
+    assert _row_counts(database) == (2, 1, 2)
+    with database.session(readonly=True) as s:
+        assert [x.series_uid for x in s.scalars(select(Series))] == [GC_SERIES]
+    if backend != "sqlite":
+        database.dispose()
+
+
 def test_group_commit_directory_sync_failure_and_stopped_writer(db: Database) -> None:
     def broken_sync(relpath: str) -> None:
         raise OSError(errno.EIO, "Input/output error")
