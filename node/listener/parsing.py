@@ -1,15 +1,14 @@
 """Just enough parsing of a received data set to file and index it.
 
-Two jobs, both cheap enough for the C-STORE fast path (well under a millisecond for a
-512×512 CT; :func:`checked_index_fields` does both in one walk):
-
-1. :func:`check_encoding` walks the element structure (PS3.5 §7.1 data elements, §7.5
-   nested sequences, §A.4 encapsulated pixel data) without decoding values and fails if
-   the stream is truncated or is not a data set at all. pydicom alone cannot be used for
-   this: ``dcmread`` silently returns a shorter data set when the stream is cut, even in
-   the middle of Pixel Data.
-2. :func:`index_fields` reads the attributes the database indexes with pydicom
-   (``stop_before_pixels``), and for Segmentation objects the referenced source images.
+:func:`checked_index_fields` is the C-STORE fast path (well under a millisecond for a
+512×512 CT). In one walk of the element structure (PS3.5 §7.1 data elements, §7.5
+nested sequences, §A.4 encapsulated pixel data), without decoding values, it fails if
+the stream is truncated or is not a data set at all, and keeps the raw values of the
+few top-level attributes the database indexes. pydicom alone cannot do the first part:
+``dcmread`` silently returns a shorter data set when the stream is cut, even in the
+middle of Pixel Data. :func:`index_fields` reads the same attributes with pydicom
+(``stop_before_pixels``); it is used for Segmentation objects, whose referenced source
+images sit in nested sequences, and as the reference the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -173,6 +172,12 @@ def _raw_after_meta(raw: bytes, transfer_syntax: str) -> bytes:
 
 
 def _walk(raw: bytes, transfer_syntax: str, collect: frozenset[int] = frozenset()) -> _Walker:
+    """Raise :class:`MalformedDataSet` unless ``raw`` (no File Meta) is a complete data set.
+
+    Walks top-level and nested elements by length; values are not decoded, only the
+    top-level ones in ``collect`` are kept. The stream must end exactly at the end of
+    its last element.
+    """
     data = _raw_after_meta(raw, transfer_syntax)
     if not data:
         raise MalformedDataSet("empty data set")
@@ -187,15 +192,6 @@ def _walk(raw: bytes, transfer_syntax: str, collect: frozenset[int] = frozenset(
     if end != len(data):
         raise MalformedDataSet(f"trailing bytes after the data set at byte {end}")
     return walker
-
-
-def check_encoding(raw: bytes, transfer_syntax: str) -> None:
-    """Raise :class:`MalformedDataSet` unless ``raw`` (no File Meta) is a complete data set.
-
-    Walks top-level and nested elements by length; values are not decoded. The stream
-    must end exactly at the end of its last element.
-    """
-    _walk(raw, transfer_syntax)
 
 
 # Top-level attributes indexed for every instance (PS3.6 tags). All are UI, CS or IS
@@ -222,7 +218,7 @@ def _integer_string(values: dict[int, bytes], tag: int) -> int | None:
 
 
 def checked_index_fields(raw: bytes, transfer_syntax: str, file_bytes: bytes) -> IndexFields:
-    """:func:`check_encoding` and :func:`index_fields` in one walk of the data set.
+    """Check the structure and read the indexed attributes in one walk of the data set.
 
     The C-STORE fast path: the indexed attributes are taken from the top-level element
     values met while checking the structure, instead of a second parse with pydicom

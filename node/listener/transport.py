@@ -3,7 +3,7 @@
 Why this exists. pynetdicom 3.0.4 runs each association as two polling loops: the DUL
 thread sleeps 1 ms whenever it finds nothing to do, then checks the socket and its
 queues; the acceptor thread sleeps 1 ms before every check for a decoded DIMSE message
-(its source says "TODO: try and make this event based"). And the socket wrapper reads a
+(its source notes that they should become event based). And the socket wrapper reads a
 PDU in 4096-byte ``recv`` calls. For one C-STORE of a 512×512 CT slice (four 128 KiB
 P-DATA-TF PDUs from dcmtk) that is ~130 Python-level ``recv`` calls and, on average,
 three half-millisecond polling waits on the critical path (data arrives → DUL wakes;
