@@ -33,12 +33,12 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from node.cli_demo import SAMPLE_STUDY
 from node.db.models import Analysis, AuditEvent, Export, Report, StudyVersion
 from node.service import RunningNode, start_node
 from node.settings import LocusSettings
 from node.tasks.testhooks import PAUSE_AFTER_CLAIM_ENV
 from tests.conftest import dcmtk, dcmtk_env, free_port
+from tests.integration.test_node_end_to_end import study_files
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -131,9 +131,15 @@ def _wait_for(predicate: Any, timeout: float, what: str, logs: list[Path]) -> An
 
 
 def _version_state(node: RunningNode) -> tuple[int, str] | None:
+    """The newest study version's id and state."""
     with node.ctx.db.session(readonly=True) as s:
-        row = s.execute(select(StudyVersion.id, StudyVersion.state)).first()
+        row = s.execute(select(StudyVersion.id, StudyVersion.state).order_by(StudyVersion.id.desc())).first()
     return (int(row[0]), str(row[1])) if row is not None else None
+
+
+def _instance_counts(node: RunningNode) -> list[int]:
+    with node.ctx.db.session(readonly=True) as s:
+        return list(s.scalars(select(StudyVersion.instance_count).order_by(StudyVersion.id)))
 
 
 def _exports(node: RunningNode) -> list[tuple[str, int]]:
@@ -150,7 +156,7 @@ def test_worker_killed_mid_analysis_completes_once(tmp_path: Path) -> None:
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     logs = [tmp_path / "worker1.log", tmp_path / "worker2.log"]
-    files = sorted(SAMPLE_STUDY.rglob("*.dcm"))
+    files = study_files()  # SEG, CT, PET: one send, one study version
 
     node = start_node(settings, analysis_worker=False)  # analyses go to the separate workers
     try:
@@ -164,6 +170,7 @@ def test_worker_killed_mid_analysis_completes_once(tmp_path: Path) -> None:
             vid, _ = _wait_for(
                 lambda: (v := _version_state(node)) and v[1] == "queued" and v, 60, "a queued version", logs
             )
+            assert _instance_counts(node) == [len(files)]  # one version holding the whole send
 
             # Worker 1 claims the version inside the real task and is killed there.
             with _worker(_worker_env(values, **{PAUSE_AFTER_CLAIM_ENV: str(hook_dir)}), logs[0]) as first:
