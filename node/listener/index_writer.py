@@ -128,6 +128,11 @@ class IndexWriter:
             self._thread.join(timeout)
 
     @property
+    def waiting(self) -> int:
+        """Records queued for the writer thread and not yet in a transaction (approximate)."""
+        return self._queue.qsize()
+
+    @property
     def running(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 

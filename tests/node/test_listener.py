@@ -593,6 +593,14 @@ def _record_in_threads(
     return results, threads
 
 
+def _wait_waiting(writer: IndexWriter, n: int, timeout: float = 10.0) -> None:
+    """Block until ``n`` records queue behind the held transaction (however slow the machine)."""
+    deadline = time.monotonic() + timeout
+    while writer.waiting < n:
+        assert time.monotonic() < deadline, f"only {writer.waiting} of {n} records queued"
+        time.sleep(0.01)
+
+
 def test_group_commit_answers_each_store_only_after_its_commit(db: Database) -> None:
     gate = _CommitGate(db)
     writer = IndexWriter(db)
@@ -600,7 +608,7 @@ def test_group_commit_answers_each_store_only_after_its_commit(db: Database) -> 
         first, t0 = _record_in_threads(writer, [_rec(0)])
         assert gate.entered.wait(10)  # batch 1 (record 0) is inside COMMIT, held there
         rest, ts = _record_in_threads(writer, [_rec(n) for n in range(1, 8)])
-        time.sleep(0.3)  # the seven records queue behind the held transaction
+        _wait_waiting(writer, 7)  # the seven records queue behind the held transaction
         assert first == {} and rest == {}  # nobody is answered before the commit
         assert _row_counts(db) == (0, 0, 0)  # and nothing is visible before it either
         gate.release.set()
@@ -626,7 +634,7 @@ def test_group_commit_failure_fails_every_waiting_store_and_indexes_nothing(db: 
         first, t0 = _record_in_threads(writer, [_rec(0)])
         assert gate.entered.wait(10)
         rest, ts = _record_in_threads(writer, [_rec(n) for n in range(1, 6)])
-        time.sleep(0.3)
+        _wait_waiting(writer, 5)
         gate.release.set()
         for t in t0 + ts:
             t.join(10)
@@ -652,7 +660,7 @@ def test_group_commit_refused_record_is_undone_alone(db: Database) -> None:
             assert gate.entered.wait(10)
             # Same SOP Instance UID as record 1 under another series: uid_conflict.
             batch, ts = _record_in_threads(writer, [_rec(3), _rec(1, series=GC_SERIES + ".9"), _rec(4)])
-            time.sleep(0.3)
+            _wait_waiting(writer, 3)
             gate.release.set()
             for t in t0 + ts:
                 t.join(10)
