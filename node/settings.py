@@ -21,7 +21,7 @@ import re
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -100,8 +100,10 @@ class DicomSettings(_Section):
     # Listener processes behind the port: pynetdicom is CPU-bound under the GIL, so
     # several parallel associations need several processes to use several cores. The
     # serving process hands every n-th connection to a child (round robin). 1 = the
-    # serving process only; about one per core for sites with parallel senders.
-    listener_processes: int = Field(default=1, ge=1, le=64)
+    # serving process only (the embedded default: one process, quickest start);
+    # "auto" = one per usable core, capped at 8 (node.listener.processes), for sites
+    # with parallel senders.
+    listener_processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     # Wake association threads when data or a message arrives instead of pynetdicom's
     # 1 ms polling (node.listener.transport); false falls back to pynetdicom's loops.
     event_driven_associations: bool = True

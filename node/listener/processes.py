@@ -26,12 +26,15 @@ when its parent disappears.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
+import os
 import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
 from typing import Any
 
 from node.storage import Watermark
@@ -40,6 +43,54 @@ LOGGER = logging.getLogger(__name__)
 
 _CHILD_READY_TIMEOUT_S = 60.0
 _RESTART_DELAY_S = 1.0
+# "auto" never starts more than this many: every connection is accepted by one thread
+# and every process writes the same index, and more than 2 cores were never measured
+# here (README, ingest benchmark).
+AUTO_PROCESS_CAP = 8
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(cgroup_root: Path = _CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Whole cores allowed by cgroup v2 CPU quotas on this process's cgroup and its
+    parents (``cpu.max``: ``docker --cpus``, systemd ``CPUQuota=``), rounded up; None =
+    no quota (or no cgroup v2)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    unified = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if unified is None:
+        return None
+    limit: int | None = None
+    directory = cgroup_root / unified.strip().lstrip("/")
+    while True:
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            cores = math.ceil(int(quota) / int(period)) if quota != "max" and int(period) > 0 else None
+        except (OSError, ValueError):
+            cores = None
+        if cores is not None and cores > 0:
+            limit = cores if limit is None else min(limit, cores)
+        if directory == cgroup_root or cgroup_root not in directory.parents:
+            return limit
+        directory = directory.parent
+
+
+def usable_cpu_count() -> int:
+    """Cores this process may run on: its CPU affinity, limited by any cgroup quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cpus, quota) if quota is not None else cpus)
+
+
+def resolve_listener_processes(value: int | str) -> int:
+    """``dicom.listener_processes`` as a number: "auto" = one per usable core, capped."""
+    if value == "auto":
+        return min(AUTO_PROCESS_CAP, usable_cpu_count())
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from node.listener.ae import (
 )
 from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle_store
 from node.listener.index_writer import IndexWriter
+from node.listener.processes import resolve_listener_processes
 from node.listener.transport import LocusRequestHandler, SharedSyntaxContext
 from node.storage import Spool
 
@@ -82,7 +83,7 @@ class ListenerConfig:
             network_timeout=d.network_timeout_s,
             maximum_pdu_size=d.max_pdu,
             accept_compressed=d.accept_compressed,
-            processes=d.listener_processes,
+            processes=resolve_listener_processes(d.listener_processes),
             event_driven=d.event_driven_associations,
         )
 

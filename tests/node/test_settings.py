@@ -204,3 +204,46 @@ def test_example_env_is_valid_and_documents_every_setting(monkeypatch: pytest.Mo
     assert s.dicom.allowed_callers[0].port == 104
     assert s.export.destinations[0].ae_title == "PACS"
     assert s.storage.min_free_bytes == 10 * 1024**3
+
+
+def test_listener_processes_auto_resolves_to_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.listener import processes
+    from node.listener.server import ListenerConfig
+
+    assert LocusSettings.load().dicom.listener_processes == 1  # embedded default: one process
+    monkeypatch.setenv("LOCUS_DICOM__LISTENER_PROCESSES", "auto")
+    auto = LocusSettings.load()
+    assert auto.dicom.listener_processes == "auto"
+    monkeypatch.setattr(processes, "usable_cpu_count", lambda: 3)
+    assert ListenerConfig.from_settings(auto).processes == 3
+    monkeypatch.setattr(processes, "usable_cpu_count", lambda: 48)
+    assert ListenerConfig.from_settings(auto).processes == processes.AUTO_PROCESS_CAP
+    monkeypatch.setenv("LOCUS_DICOM__LISTENER_PROCESSES", "4")
+    assert ListenerConfig.from_settings(LocusSettings.load()).processes == 4
+    for bad in ("0", "many", "65"):
+        monkeypatch.setenv("LOCUS_DICOM__LISTENER_PROCESSES", bad)
+        with pytest.raises(ValidationError, match="listener_processes"):
+            LocusSettings.load()
+
+
+def test_usable_cores_follow_affinity_and_cgroup_quota(tmp_path: Path) -> None:
+    from node.listener.processes import cgroup_cpu_limit, usable_cpu_count
+
+    root = tmp_path / "cgroup"
+    service = root / "system.slice" / "locus-listener.service"
+    service.mkdir(parents=True)
+    proc_cgroup = tmp_path / "proc-self-cgroup"
+    proc_cgroup.write_text("0::/system.slice/locus-listener.service\n")
+    assert cgroup_cpu_limit(root, proc_cgroup) is None  # no cpu.max anywhere: no quota
+    (service / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(root, proc_cgroup) is None
+    (service / "cpu.max").write_text("250000 100000\n")  # systemd CPUQuota=250%
+    assert cgroup_cpu_limit(root, proc_cgroup) == 3  # rounded up to whole cores
+    (root / "system.slice" / "cpu.max").write_text("150000 100000\n")  # a tighter parent wins
+    assert cgroup_cpu_limit(root, proc_cgroup) == 2
+    (root / "cpu.max").write_text("garbage\n")  # unreadable values are ignored
+    assert cgroup_cpu_limit(root, proc_cgroup) == 2
+    proc_cgroup.write_text("4:memory:/x\n1:cpu:/\n")  # cgroup v1 only: no v2 quota to read
+    assert cgroup_cpu_limit(root, proc_cgroup) is None
+    assert cgroup_cpu_limit(root, tmp_path / "absent") is None
+    assert 1 <= usable_cpu_count() <= len(os.sched_getaffinity(0))
