@@ -16,7 +16,7 @@ import json
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -94,14 +94,17 @@ def study_files(root: Path = SAMPLE_STUDY) -> list[Path]:
     return sorted(root.rglob("*.dcm"), key=lambda p: (SEND_ORDER.get(p.parent.name, 3), p.name))
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+def wait_for(predicate: Any, timeout: float, what: str, logs: Sequence[Path] = ()) -> Any:
+    """Poll ``predicate`` until it returns something truthy; on timeout, fail with the
+    tails of ``logs`` (other processes' output) in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+    tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tails}")
 
 
 def exported_reports(node: RunningNode, study_uid: str, n: int = 1) -> list[dict[str, Any]] | None:

@@ -38,7 +38,7 @@ from node.service import RunningNode, start_node
 from node.settings import LocusSettings
 from node.tasks.testhooks import PAUSE_AFTER_CLAIM_ENV
 from tests.conftest import dcmtk, dcmtk_env, free_port
-from tests.integration.test_node_end_to_end import study_files
+from tests.integration.test_node_end_to_end import study_files, wait_for
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -119,17 +119,6 @@ def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]
         proc.wait(timeout=30)
 
 
-def _wait_for(predicate: Any, timeout: float, what: str, logs: list[Path]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
-
-
 def _version_state(node: RunningNode) -> tuple[int, str] | None:
     """The newest study version's id and state."""
     with node.ctx.db.session(readonly=True) as s:
@@ -167,14 +156,14 @@ def test_worker_killed_mid_analysis_completes_once(tmp_path: Path) -> None:
                 env=dcmtk_env(), capture_output=True, text=True, timeout=120,
             )
             assert sent.returncode == 0, sent.stderr
-            vid, _ = _wait_for(
+            vid, _ = wait_for(
                 lambda: (v := _version_state(node)) and v[1] == "queued" and v, 60, "a queued version", logs
             )
             assert _instance_counts(node) == [len(files)]  # one version holding the whole send
 
             # Worker 1 claims the version inside the real task and is killed there.
             with _worker(_worker_env(values, **{PAUSE_AFTER_CLAIM_ENV: str(hook_dir)}), logs[0]) as first:
-                marker = _wait_for(lambda: sorted(hook_dir.glob(f"claimed-{vid}-*")), 90, "the claim", logs)
+                marker = wait_for(lambda: sorted(hook_dir.glob(f"claimed-{vid}-*")), 90, "the claim", logs)
                 assert marker[0].name == f"claimed-{vid}-{first.pid}"
                 assert _version_state(node) == (vid, "analysing")
                 first.send_signal(signal.SIGKILL)
@@ -182,8 +171,8 @@ def test_worker_killed_mid_analysis_completes_once(tmp_path: Path) -> None:
 
             # Worker 2 (no hook) gets the unacknowledged message again and finishes it.
             with _worker(_worker_env(values), logs[1]):
-                _wait_for(lambda: _exports(node) == [("done", 1)], 180, "the exported report", logs)
-                received = _wait_for(lambda: sorted(p for p in inbox.iterdir() if p.is_file()), 30, "the SR", logs)
+                wait_for(lambda: _exports(node) == [("done", 1)], 180, "the exported report", logs)
+                received = wait_for(lambda: sorted(p for p in inbox.iterdir() if p.is_file()), 30, "the SR", logs)
                 # Any further redelivery would show up now as a second analysis or export.
                 time.sleep(VISIBILITY_TIMEOUT_S + 2)
                 assert _exports(node) == [("done", 1)]

@@ -44,6 +44,7 @@ from node.listener.status import StoreStatus
 from node.storage import LocalSpool, Watermark
 from pipelines.errors import InputError
 from tests.conftest import dcmtk, dcmtk_env, free_port
+from tests.helpers.polling import wait_until
 
 pytestmark = pytest.mark.network
 
@@ -242,7 +243,8 @@ def test_compressed_syntaxes_stored_without_transcoding(
     path = _write_part10(ds, tmp_path / "compressed.dcm")
     # storescu proposes the compressed syntax (and uncompressed ones) and sends as stored.
     run = subprocess.run(
-        [dcmtk("storescu"), propose, "-R", "-aet", "DCMTK", "-aec", "LOCUS", "127.0.0.1", str(listener.port), str(path)],
+        [dcmtk("storescu"), propose, "-R", "-aet", "DCMTK", "-aec", "LOCUS", "127.0.0.1", str(listener.port),
+         str(path)],
         env=dcmtk_env(), capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 0, run.stdout + run.stderr
@@ -593,14 +595,6 @@ def _record_in_threads(
     return results, threads
 
 
-def _wait_waiting(writer: IndexWriter, n: int, timeout: float = 10.0) -> None:
-    """Block until ``n`` records queue behind the held transaction (however slow the machine)."""
-    deadline = time.monotonic() + timeout
-    while writer.waiting < n:
-        assert time.monotonic() < deadline, f"only {writer.waiting} of {n} records queued"
-        time.sleep(0.01)
-
-
 def test_group_commit_answers_each_store_only_after_its_commit(db: Database) -> None:
     gate = _CommitGate(db)
     writer = IndexWriter(db)
@@ -608,7 +602,7 @@ def test_group_commit_answers_each_store_only_after_its_commit(db: Database) -> 
         first, t0 = _record_in_threads(writer, [_rec(0)])
         assert gate.entered.wait(10)  # batch 1 (record 0) is inside COMMIT, held there
         rest, ts = _record_in_threads(writer, [_rec(n) for n in range(1, 8)])
-        _wait_waiting(writer, 7)  # the seven records queue behind the held transaction
+        wait_until(lambda: writer.waiting >= 7, "the seven records queued behind the held commit")
         assert first == {} and rest == {}  # nobody is answered before the commit
         assert _row_counts(db) == (0, 0, 0)  # and nothing is visible before it either
         gate.release.set()
@@ -634,7 +628,7 @@ def test_group_commit_failure_fails_every_waiting_store_and_indexes_nothing(db: 
         first, t0 = _record_in_threads(writer, [_rec(0)])
         assert gate.entered.wait(10)
         rest, ts = _record_in_threads(writer, [_rec(n) for n in range(1, 6)])
-        _wait_waiting(writer, 5)
+        wait_until(lambda: writer.waiting >= 5, "5 records queued behind the held commit")
         gate.release.set()
         for t in t0 + ts:
             t.join(10)
@@ -660,7 +654,7 @@ def test_group_commit_refused_record_is_undone_alone(db: Database) -> None:
             assert gate.entered.wait(10)
             # Same SOP Instance UID as record 1 under another series: uid_conflict.
             batch, ts = _record_in_threads(writer, [_rec(3), _rec(1, series=GC_SERIES + ".9"), _rec(4)])
-            _wait_waiting(writer, 3)
+            wait_until(lambda: writer.waiting >= 3, "3 records queued behind the held commit")
             gate.release.set()
             for t in t0 + ts:
                 t.join(10)

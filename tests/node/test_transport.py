@@ -42,6 +42,7 @@ from node.listener.transport import (
 )
 from node.storage import LocalSpool
 from tests.conftest import free_port
+from tests.helpers.polling import wait_until
 
 pytestmark = pytest.mark.network
 
@@ -227,15 +228,6 @@ def _server_side(server: ListenerServer) -> list[Association]:
     raise AssertionError("no acceptor association appeared")
 
 
-def _wait_until(condition: object, what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for: {what}")
-
-
 @pytest.mark.parametrize("event_driven", [True, False])
 def test_store_echo_and_release_through_either_loop(sqlite_db: Database, tmp_path: Path, event_driven: bool) -> None:
     server = _listener(sqlite_db, tmp_path, event_driven=event_driven)
@@ -251,7 +243,7 @@ def test_store_echo_and_release_through_either_loop(sqlite_db: Database, tmp_pat
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
         assert assoc.is_released
-        _wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends after A-RELEASE")
+        wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends after A-RELEASE")
         assert acceptor.is_released and not acceptor.is_aborted
         if event_driven:
             assert acceptor.dul.socket.wake_pipe.closed  # no descriptor left behind
@@ -269,7 +261,7 @@ def test_peer_abort_ends_the_event_driven_acceptor(sqlite_db: Database, tmp_path
         acceptor.bind(evt.EVT_ABORTED, lambda event: aborted.append(event.assoc.name))
         assert assoc.send_c_store(_ct()).Status == 0x0000
         assoc.abort()
-        _wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends after A-ABORT")
+        wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends after A-ABORT")
         assert acceptor.is_aborted and not acceptor.is_released
         assert aborted == [acceptor.name]
     finally:
@@ -284,7 +276,7 @@ def test_network_idle_timeout_still_ends_an_idle_association(sqlite_db: Database
         assert assoc.send_c_echo().Status == 0x0000
         # Nothing more is sent: the acceptor's idle timer expires and it ends the
         # association (pynetdicom's default response is an A-ABORT).
-        _wait_until(lambda: not assoc.is_established, "the idle association is ended by the listener")
-        _wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends")
+        wait_until(lambda: not assoc.is_established, "the idle association is ended by the listener")
+        wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends")
     finally:
         server.shutdown()
