@@ -18,7 +18,12 @@ analysis see a partial series (peers.md F1); declaring it twice makes duplicate 
 
 Rules 1 and 2 also require every other series of the study to be complete by the same
 series test, so a CT still streaming in does not get cut off because the PET finished
-first.  A series that has not started arriving cannot be detected by any rule; the
+first, and the whole study to have been quiet for ``series_quiet_s``: a sender often
+follows the last PET slice with the SEG (or another series) in the same association,
+milliseconds later, and a sweep landing in that gap would otherwise analyse the study
+without it and report twice.  The data-driven rules thus replace the long
+``study_quiet_s`` wait by the short one; they never fire while instances still stream in.
+A series that starts arriving after a longer pause cannot be detected by any rule; the
 versioning below handles it.
 
 A ready study gets a new *study version* holding every instance present, exactly once
@@ -132,11 +137,12 @@ def evaluate(snap: repo.StudySnapshot, now: datetime, cfg: CompletionSettings) -
         started = snap.latest_started_at
         if started is not None and now - started < timedelta(seconds=cfg.force_complete_s):
             return None  # serialise re-runs: version n+1 waits for version n
-    for rule in (_reference_complete, _count_complete):
-        decision = rule(snap, now, cfg)
-        if decision is not None:
-            return decision
     quiet_for = now - snap.last_received_at
+    if quiet_for >= timedelta(seconds=cfg.series_quiet_s):  # nothing more in the same stream
+        for rule in (_reference_complete, _count_complete):
+            decision = rule(snap, now, cfg)
+            if decision is not None:
+                return decision
     if quiet_for >= timedelta(seconds=cfg.study_quiet_s):
         return Decision("quiet_timer", f"no new instance for {quiet_for.total_seconds():.0f} s")
     pending_for = now - snap.pending_since

@@ -82,16 +82,10 @@ def storescu(port: int, paths: list[Path], *, calling: str = SENDER_AE) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-# Sending order SEG, CT, PET: no completion rule can fire before the last PET slice
-# (reference_complete and count_complete both wait for the PET series to hold Number of
-# Slices images), so one send makes exactly one study version however slow the machine
-# is.  In directory order (CT, PT, SEG) a pause over series_quiet_s before the SEG lets
-# count_complete declare the study without it, and the SEG then makes version 2.
-SEND_ORDER = {"SEG": 0, "CT": 1, "PT": 2}
-
-
 def study_files(root: Path = SAMPLE_STUDY) -> list[Path]:
-    return sorted(root.rglob("*.dcm"), key=lambda p: (SEND_ORDER.get(p.parent.name, 3), p.name))
+    """The bundled study in directory order: CT, PET, then the SEG right after the last
+    PET slice (node.completion must not cut the SEG off: one send, one study version)."""
+    return sorted(root.rglob("*.dcm"))
 
 
 def wait_for(predicate: Any, timeout: float, what: str, logs: Sequence[Path] = ()) -> Any:

@@ -145,7 +145,7 @@ def test_worker_killed_mid_analysis_completes_once(tmp_path: Path) -> None:
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     logs = [tmp_path / "worker1.log", tmp_path / "worker2.log"]
-    files = study_files()  # SEG, CT, PET: one send, one study version
+    files = study_files()  # CT, PET, SEG: one send, one study version
 
     node = start_node(settings, analysis_worker=False)  # analyses go to the separate workers
     try:

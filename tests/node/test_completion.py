@@ -108,9 +108,11 @@ def test_reference_complete_with_a_seg_referencing_only_some_pet_slices(database
     # References present, but the PET series is not complete by its Number of Slices.
     assert sweep(database, at(20)) == []
     receive(database, PET, "PT", range(6, 11), at(21), slices=10)
-    # The PET is complete by count at once; the SEG series must still be quiet... it is
-    # (received at 2 s); the CT has been quiet since 0 s: fires long before study_quiet_s.
-    ids = sweep(database, at(21))
+    # The PET is complete by count at once and the CT has been quiet since 0 s, but the
+    # study itself must be quiet for series_quiet_s (another series may follow in the
+    # same stream); then it fires, long before study_quiet_s.
+    assert sweep(database, at(25.9)) == []
+    ids = sweep(database, at(26))
     assert len(ids) == 1
     assert versions(database) == [(1, "pending", "reference_complete", 21)]
     (event,) = complete_events(database)
@@ -119,7 +121,7 @@ def test_reference_complete_with_a_seg_referencing_only_some_pet_slices(database
         assert len(repo.instances_for_version(s, ids[0])) == 21
         assert s.scalars(select(Study.pending_since)).one() is None
         assert s.scalars(select(Study.status)).one() == "pending"
-    assert sweep(database, at(22)) == []  # exactly once
+    assert sweep(database, at(27)) == []  # exactly once
 
 
 def test_reference_complete_waits_for_a_missing_referenced_image(database: Database) -> None:
@@ -146,11 +148,26 @@ def test_count_complete_needs_a_quiet_ct_in_the_same_frame_of_reference(database
     receive(database, PET, "PT", range(1, 4), at(1), slices=4)
     assert sweep(database, at(10)) == []  # 3 of 4 PET slices
     receive(database, PET, "PT", [4], at(11), slices=4)
-    ids = sweep(database, at(11))
+    assert sweep(database, at(15.9)) == []  # the last slice just arrived: the study is not quiet yet
+    ids = sweep(database, at(16))
     assert len(ids) == 1
     assert versions(database) == [(1, "pending", "count_complete", 9)]
     (event,) = complete_events(database)
     assert "4/4" in str(event["reason"])
+
+
+def test_a_seg_following_the_last_pet_slice_in_the_same_stream_is_not_cut_off(database: Database) -> None:
+    """CT, PET, then the SEG in one association (a common sending order): a sweep between
+    the last PET slice and the SEG must not declare the study without its SEG."""
+    receive(database, CT, "CT", range(1, 6), at(0))
+    receive(database, PET, "PT", range(1, 5), at(6), slices=4)  # complete by count; CT quiet for 6 s
+    assert sweep(database, at(6.01)) == []
+    receive(database, SEG, "SEG", [1], at(6.02), refs=[(PET, sop(PET, 2))])
+    assert sweep(database, at(11.01)) == []
+    (v1,) = sweep(database, at(11.02))
+    assert versions(database) == [(1, "pending", "reference_complete", 10)]
+    with database.session() as s:
+        assert sop(SEG, 1) in {i.sop_uid for i in repo.instances_for_version(s, v1)}
 
 
 def test_count_complete_ignores_a_ct_in_another_frame_of_reference(database: Database) -> None:
@@ -370,7 +387,7 @@ def test_evaluate_is_pure_and_names_the_rule() -> None:
         segs=(),
         present_referenced=frozenset(),
     )
-    assert completion.evaluate(snap, at(4), CFG) is None  # CT not quiet yet
+    assert completion.evaluate(snap, at(4), CFG) is None  # CT (and the study) not quiet yet
     decision = completion.evaluate(snap, at(5), CFG)
     assert decision is not None and decision.rule == "count_complete"
     assert completion.series_complete(pet, at(0), CFG)  # by count, immediately
