@@ -17,8 +17,10 @@ from typing import Any
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from node.db import repo
+from node.db.models import Instance
 from node.service import RunningNode
 from tests.conftest import free_port
 from tests.helpers.dicomcheck import assert_dciodvfy_clean
@@ -63,13 +65,14 @@ def _srs_in_orthanc(base: str, orthanc_study: str) -> list[str]:
     return out
 
 
-def test_pacs_forwarding_every_stable_study_back_makes_one_report(tmp_path: Path) -> None:
+def test_pacs_forwarding_every_stable_study_back_makes_one_report(tmp_path: Path, database: dict[str, str]) -> None:
     port, o_dicom, o_http = free_port(), free_port(), free_port()
     settings = _settings(
         tmp_path / "locus", port,
         callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_dicom}],
         export={"return_to_sender": True, "backoff_base_s": 0.5, "backoff_cap_s": 2.0},
         analysis={"uid_root": UID_ROOT},
+        database=database,
     )
     rule = tmp_path / "forward.lua"
     rule.write_text(FORWARD_RULE)
@@ -83,9 +86,13 @@ def test_pacs_forwarding_every_stable_study_back_makes_one_report(tmp_path: Path
 
         # Locus analyses, exports its SR to Orthanc, and Orthanc forwards the study
         # (images again + our SR) back once it is stable again.
-        def sr_came_back() -> dict[str, Any] | None:
+        def sr_came_back() -> bool:
             detail = _detail(node, study_uid)
-            return detail if detail and detail["own_instances"] >= 1 else None
+            if not detail or not detail["reports"]:
+                return False
+            with node.ctx.db.session() as s:
+                return s.scalar(select(Instance.id).where(Instance.sop_uid == detail["reports"][0]["sr_sop_uid"])) \
+                    is not None
 
         wait_for(sr_came_back, 400, "Locus's SR to come back from Orthanc")
         # A quiet node: several stable periods and sweeps later, nothing new happened.
