@@ -242,6 +242,13 @@ def record_instance(
     acts on.  Raises :class:`~pipelines.errors.InputError` (``uid_conflict``) when a UID
     is already known under a different parent: a sender bug that must not merge studies.
     ``known`` (ids committed earlier for this study and series) skips the lookups.
+
+    Own instances (``rec.origin == "own"``, or an SR whose SOP Instance UID is in the
+    reports table: this node's report sent back) are indexed but leave the study alone:
+    no ``pending_since``, no timers, no count, so they never make a study version. A
+    record with ``duplicate`` set (different content under a known UID) is counted in
+    ``studies.duplicate_count`` and audited as ``duplicate``; with "replace" its path
+    and header fields replace the indexed copy's and the study becomes pending again.
     Nothing is committed here; a caller that wants one instance's failure not to undo
     others in the same transaction wraps each call in a savepoint.
     """

@@ -7,12 +7,17 @@ analysis is triggered elsewhere from the database (style.md lesson 2).
 Order of operations for one C-STORE, and the answer at each failure (status.py):
 
 1. Affected SOP Instance UID from the command set must be a valid UID → else 0xC213.
+   The data set must not be larger than ``max_instance_bytes`` → else 0xA700, before
+   anything is parsed or written.
 2. The data set must be structurally complete (not truncated, really DICOM) and its
    indexed attributes decodable → else 0xC210 (about 0.5 ms for a 512×512 CT).
 3. Study/Series/SOP Instance/SOP Class UIDs in the data set must be valid → else 0xC213;
    SOP Instance UID must equal the command's → else 0xC212; SOP Class UID must equal
    the command's → else 0xA900.
-4. Write, unless this instance is already in the spool (a resend): the spool must stay
+4. Write, unless this instance is already in the spool (a resend; its content is then
+   compared with the indexed copy, and different content follows ``duplicate_policy``:
+   ``keep_first`` writes nothing, ``replace`` writes ``<sop>.<digest>.dcm`` beside the
+   first copy; either way a WARNING and a ``duplicate`` audit row): the spool must stay
    above its free-space watermark with this object → else 0xA700; temp file, fsync,
    atomic link/rename, fsync directory (node.storage) → on OSError 0xA700. Either way
    nothing is left half-stored.
@@ -27,6 +32,10 @@ Order of operations for one C-STORE, and the answer at each failure (status.py):
    (the SOP or series UID is already filed under another series or study) → 0xC214 and
    the new copy is removed.
 6. 0x0000.
+
+Objects a Locus node produced (its SR forwarded back by a PACS) are indexed with origin
+``own`` and never make a study version (``_is_own`` here, the reports table in
+node.db.ingest): otherwise each returned SR would start a new analysis and a new SR.
 
 Every refusal is logged with UIDs only (no patient data) and recorded through
 ``record_rejection`` so an operator can see why a sender's object is missing.
