@@ -309,3 +309,44 @@ def test_store_policy_settings_take_effect(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("LOCUS_ANALYSIS__UID_ROOT", "1.02.3")
     with pytest.raises(ValueError, match="uid_root"):
         LocusSettings.load(storage={"data_dir": str(tmp_path)})
+
+
+# ------------------------------------------------------------------ migration
+
+
+def test_migration_0004_keeps_existing_rows_received_and_uncounted(db_url: str) -> None:
+    from sqlalchemy import text
+
+    db = Database(db_url)
+    try:
+        db.upgrade("0003")
+        now = datetime(2026, 12, 1, tzinfo=UTC)
+        with db.session() as s:  # rows as a 0003 node wrote them (no origin column yet)
+            s.execute(text(
+                "INSERT INTO studies (study_uid, status, first_received_at, last_received_at, instance_count,"
+                " latest_version, has_late_instances) VALUES ('1.2.3', 'receiving', :t, :t, 1, 0, false)"
+            ), {"t": now})
+            s.execute(text(
+                "INSERT INTO series (study_id, series_uid, modality, sop_class_uid, instance_count,"
+                " first_received_at, last_received_at) SELECT id, '1.2.3.1', 'CT', '1.2.840.10008.5.1.4.1.1.2', 1,"
+                " :t, :t FROM studies"
+            ), {"t": now})
+            s.execute(text(
+                "INSERT INTO instances (series_id, sop_uid, sop_class_uid, transfer_syntax, path, size_bytes,"
+                " received_at, last_received_at, receive_count) SELECT id, '1.2.3.1.1', '1.2.840.10008.5.1.4.1.1.2',"
+                " '1.2.840.10008.1.2.1', 'a/b/c.dcm', 10, :t, :t, 1 FROM series"
+            ), {"t": now})
+        db.upgrade()
+        with db.session(readonly=True) as s:
+            assert s.execute(text("SELECT origin FROM instances")).scalar_one() == "received"
+            assert s.execute(text("SELECT duplicate_count FROM studies")).scalar_one() == 0
+        with db.engine.connect() as conn:
+            from alembic import command
+
+            from node.db.base import alembic_config
+
+            command.downgrade(alembic_config(conn), "0003")
+            conn.commit()
+        assert db.current_revision() == "0003"
+    finally:
+        db.dispose()
