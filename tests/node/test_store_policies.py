@@ -350,3 +350,16 @@ def test_migration_0004_keeps_existing_rows_received_and_uncounted(db_url: str) 
         assert db.current_revision() == "0003"
     finally:
         db.dispose()
+
+
+def test_replacement_copies_have_their_own_validated_spool_name(tmp_path: Path) -> None:
+    from node.storage import relpath_for
+
+    spool = LocalSpool(tmp_path / "spool")
+    first = spool.put_atomic("1.2.3", "1.2.3.4", "1.2.3.4.5", b"first")
+    second = spool.put_atomic("1.2.3", "1.2.3.4", "1.2.3.4.5", b"second", variant="0123abcd")
+    assert (first, second) == ("1.2.3/1.2.3.4/1.2.3.4.5.dcm", "1.2.3/1.2.3.4/1.2.3.4.5.0123abcd.dcm")
+    assert spool.path(first).read_bytes() == b"first" and spool.path(second).read_bytes() == b"second"
+    for bad in ("../x", "ABC", "", "12/34"):
+        with pytest.raises(ValueError, match="variant"):
+            relpath_for("1.2.3", "1.2.3.4", "1.2.3.4.5", bad)
