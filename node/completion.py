@@ -26,6 +26,10 @@ without it and report twice.  The data-driven rules thus replace the long
 A series that starts arriving after a longer pause cannot be detected by any rule; the
 versioning below handles it.
 
+Instances a Locus node produced (``instances.origin = own``: our SR forwarded back by a
+PACS) are not part of this: they never make a study pending, their series are not in
+the snapshot and they are not in any version (node.db.ingest, node.db.versions).
+
 A ready study gets a new *study version* holding every instance present, exactly once
 (``repo.create_study_version``: row lock, conditional update, unique key).  Instances that
 arrive later make the study pending again and the rules fire again for version n+1,

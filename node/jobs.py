@@ -86,6 +86,7 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
                 content_datetime=version.ready_at.replace(tzinfo=None),
                 localizer=_localizer(ctx),
                 study_encoder=_study_encoder(ctx),
+                uid_prefix=f"{ctx.settings.analysis.uid_root}." if ctx.settings.analysis.uid_root else None,
             )
             result = analyse_study(paths, options)
         except TransientError:

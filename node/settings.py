@@ -114,6 +114,16 @@ class DicomSettings(_Section):
     # uncompressed ones; data is stored as received (mercure #25: senders that only
     # offer compressed syntaxes).
     accept_compressed: bool = True
+    # Largest data set one C-STORE may carry; a larger one is refused with 0xA700 and
+    # nothing is written (a runaway sender must not fill the spool with one object).
+    # Generous: a whole-body enhanced multi-frame CT is well under 1 GiB.
+    max_instance_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # A SOP Instance UID received again with *different* content (PS3.3 C.12.1.1.1: one
+    # UID, one unchanging object, so this is a sender error): "keep_first" keeps the
+    # indexed copy and drops the new bytes; "replace" stores the new copy, indexes it in
+    # place of the first and makes a new study version. Either way: WARNING log with the
+    # UIDs, a "duplicate" audit row, studies.duplicate_count + 1.
+    duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
 
     @field_validator("ae_title")
     @classmethod
@@ -311,6 +321,21 @@ class AnalysisSettings(_Section):
     # "segments": one lesion per SEG segment; "components": each segment split into
     # connected components (autoPET-style single "tumor" segment; dicom-guide.md §4).
     lesion_mode: Literal["segments", "components"] = "segments"
+    # Organisation UID root (PS3.5 §9.1, e.g. "1.2.826.0.1.3680043.10.999") for the SR
+    # series and instance UIDs this node creates; None = "2.25." UUID-derived UIDs
+    # (PS3.5 B.2). Instances received under this root are recognised as the node's own
+    # (a PACS forwarding our SR back) and never make a new study version.
+    uid_root: str | None = Field(default=None, max_length=40)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_root(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        root = v.strip().rstrip(".")
+        if not re.fullmatch(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))*", root):
+            raise ValueError(f"analysis.uid_root {v!r} is not a UID root (digits and dots, no leading zeros)")
+        return root
 
 
 class LocusSettings(BaseSettings):

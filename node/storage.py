@@ -93,12 +93,24 @@ def validate_uid(value: object, what: str) -> str:
     return str(value)
 
 
-def relpath_for(study_uid: str, series_uid: str, sop_uid: str) -> str:
-    """The spool-relative path of an instance (validates all three UIDs first)."""
+_VARIANT = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def relpath_for(study_uid: str, series_uid: str, sop_uid: str, variant: str | None = None) -> str:
+    """The spool-relative path of an instance (validates all three UIDs first).
+
+    ``variant`` (lower-case hex, e.g. a content digest) names a later copy of the same
+    SOP instance that replaces the first in the index (dicom.duplicate_policy =
+    "replace"): ``<sop>.<variant>.dcm`` beside ``<sop>.dcm``, which is kept.
+    """
     study = validate_uid(study_uid, "StudyInstanceUID")
     series = validate_uid(series_uid, "SeriesInstanceUID")
     sop = validate_uid(sop_uid, "SOPInstanceUID")
-    return f"{study}/{series}/{sop}{_SUFFIX}"
+    if variant is None:
+        return f"{study}/{series}/{sop}{_SUFFIX}"
+    if not _VARIANT.fullmatch(variant):
+        raise ValueError(f"spool variant must be lower-case hex, got {variant!r}")
+    return f"{study}/{series}/{sop}.{variant}{_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class Spool(Protocol):
         data: bytes | os.PathLike[str] | str,
         *,
         sync_dir: bool = True,
+        variant: str | None = None,
     ) -> str:
         """Store one instance durably; return its spool-relative path.
 
@@ -149,7 +162,8 @@ class Spool(Protocol):
         which is moved (same filesystem) or copied. If the instance is already stored,
         the existing copy is kept and its path returned. ``sync_dir=False`` leaves the
         final directory fsync to the caller (:meth:`sync_parent`), which may then make
-        many new names durable with one fsync (group commit).
+        many new names durable with one fsync (group commit). ``variant``: see
+        :func:`relpath_for`.
         """
         ...
 
@@ -330,8 +344,9 @@ class LocalSpool:
         data: bytes | os.PathLike[str] | str,
         *,
         sync_dir: bool = True,
+        variant: str | None = None,
     ) -> str:
-        relpath = relpath_for(study_uid, series_uid, sop_uid)
+        relpath = relpath_for(study_uid, series_uid, sop_uid, variant)
         target = self.path(relpath)
         if target.is_file():
             return relpath  # idempotent resend: keep the copy that was indexed first

@@ -20,6 +20,7 @@ from node.db.models import (
     AuditEvent,
     AuditKind,
     Instance,
+    InstanceOrigin,
     Series,
     Study,
     StudyStatus,
@@ -51,6 +52,18 @@ class InstanceRecord:
     number_of_slices: int | None = None
     instance_number: int | None = None
     referenced_instances: list[tuple[str, str]] = field(default_factory=list)
+    # "own": the listener recognised a Locus result by its header (UID root, device
+    # identity); the index also recognises this node's SRs by the reports table.
+    origin: str = InstanceOrigin.RECEIVED.value
+    # Set by the listener when this SOP Instance UID is already indexed and the new
+    # copy's content differs: the dicom.duplicate_policy applied ("keep_first": the new
+    # bytes were not written; "replace": ``path`` is the new copy, to index instead).
+    duplicate: str | None = None
+
+
+#: SR Storage SOP classes all share this root (PS3.4 B.5, "1.2.840.10008.5.1.4.1.1.88.x");
+#: only these are looked up in the reports table.
+SR_SOP_CLASS_ROOT = "1.2.840.10008.5.1.4.1.1.88."
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class RecordOutcome:
     receive_count: int
     path: str = ""
     late: bool = False
+    own: bool = False  # a Locus result: indexed, but no version and no completeness
+    duplicate: str | None = None  # the duplicate policy applied to different content
     # Row ids for a caller's post-commit cache (KnownIds); not part of the outcome's value.
     study_id: int | None = field(default=None, compare=False)
     series_id: int | None = field(default=None, compare=False)
@@ -114,11 +129,13 @@ class _IngestSQL:
     )
     INSERT_INSTANCE = (
         "INSERT INTO instances (series_id, sop_uid, sop_class_uid, transfer_syntax, path, size_bytes,"
-        " calling_ae, instance_number, received_at, last_received_at, receive_count, referenced_instances)"
+        " calling_ae, instance_number, received_at, last_received_at, receive_count, referenced_instances,"
+        " origin)"
         " VALUES (:series_id, :sop_uid, :sop_class_uid, :transfer_syntax, :path, :size_bytes, :calling_ae,"
-        " :instance_number, :now, :now, 1, :referenced_instances)"
+        " :instance_number, :now, :now, 1, :referenced_instances, :origin)"
         " ON CONFLICT (sop_uid) DO NOTHING RETURNING id"
     )
+    OUR_REPORT = "SELECT 1 FROM reports WHERE sr_sop_uid = :sop_uid"
     _LATER = "CASE WHEN last_received_at < :now THEN :now ELSE last_received_at END"
     GROW_SERIES = (
         f"UPDATE series SET last_received_at = {_LATER}, instance_count = instance_count + 1,"
@@ -133,7 +150,22 @@ class _IngestSQL:
     )
     TOUCH_SERIES = f"UPDATE series SET last_received_at = {_LATER} WHERE id = :series_id"
     TOUCH_STUDY = f"UPDATE studies SET last_received_at = {_LATER} WHERE id = :study_id"
-    EXISTING_INSTANCE = "SELECT series_id, path FROM instances WHERE sop_uid = :sop_uid"
+    EXISTING_INSTANCE = (
+        "SELECT series_id, path, origin, size_bytes, transfer_syntax FROM instances WHERE sop_uid = :sop_uid"
+    )
+    # A replacing copy (dicom.duplicate_policy = "replace"): indexed in place of the first
+    # one; for a received instance the study becomes pending again (a new version).
+    REPLACE_INSTANCE = (
+        "UPDATE instances SET path = :path, size_bytes = :size_bytes, transfer_syntax = :transfer_syntax,"
+        " instance_number = :instance_number, referenced_instances = :referenced_instances,"
+        " calling_ae = :calling_ae WHERE sop_uid = :sop_uid"
+    )
+    PEND_STUDY = (
+        f"UPDATE studies SET last_received_at = {_LATER}, pending_since = COALESCE(pending_since, :now),"
+        " has_late_instances = (has_late_instances OR latest_version > 0)"
+        " WHERE id = :study_id RETURNING latest_version"
+    )
+    COUNT_DUPLICATE = "UPDATE studies SET duplicate_count = duplicate_count + 1 WHERE id = :study_id"
     RESEND_INSTANCE = (
         f"UPDATE instances SET receive_count = receive_count + 1, last_received_at = {_LATER}"
         " WHERE sop_uid = :sop_uid RETURNING receive_count"
@@ -210,6 +242,13 @@ def record_instance(
     acts on.  Raises :class:`~pipelines.errors.InputError` (``uid_conflict``) when a UID
     is already known under a different parent: a sender bug that must not merge studies.
     ``known`` (ids committed earlier for this study and series) skips the lookups.
+
+    Own instances (``rec.origin == "own"``, or an SR whose SOP Instance UID is in the
+    reports table: this node's report sent back) are indexed but leave the study alone:
+    no ``pending_since``, no timers, no count, so they never make a study version. A
+    record with ``duplicate`` set (different content under a known UID) is counted in
+    ``studies.duplicate_count`` and audited as ``duplicate``; with "replace" its path
+    and header fields replace the indexed copy's and the study becomes pending again.
     Nothing is committed here; a caller that wants one instance's failure not to undo
     others in the same transaction wraps each call in a savepoint.
     """
@@ -239,6 +278,13 @@ def _record_on_cursor(
     else:
         study_id, series_id = _study_and_series(q, cur, rec, now)
 
+    own = rec.origin == InstanceOrigin.OWN.value or (
+        # This node's SR sent back to it (e.g. a PACS forwarding every stable study):
+        # one indexed lookup, for SR classes only.
+        rec.sop_class_uid.startswith(SR_SOP_CLASS_ROOT)
+        and q.run(cur, q.OUR_REPORT, {"sop_uid": rec.sop_uid}).fetchone() is not None
+    )
+    origin = InstanceOrigin.OWN.value if own else InstanceOrigin.RECEIVED.value
     refs = [[s, i] for s, i in rec.referenced_instances] or None
     inserted = q.run(
         cur,
@@ -254,9 +300,11 @@ def _record_on_cursor(
             "instance_number": rec.instance_number,
             "now": now,
             "referenced_instances": refs,
+            "origin": origin,
         },
     ).fetchone() is not None
 
+    detail: dict[str, Any] = {"size_bytes": rec.size_bytes}
     if inserted:
         q.run(
             cur,
@@ -268,42 +316,81 @@ def _record_on_cursor(
                 "number_of_slices": rec.number_of_slices,
             },
         )
-        (latest_version,) = q.run(cur, q.GROW_STUDY, {"study_id": study_id, "now": now}).fetchone()
+        latest_version = 0
+        if not own:
+            # Own instances leave the study alone: no pending version, no completeness
+            # timer, not counted (node.completion); else our SR would make a version whose
+            # SR comes back again, forever.
+            (latest_version,) = q.run(cur, q.GROW_STUDY, {"study_id": study_id, "now": now}).fetchone()
         outcome = RecordOutcome(
-            new=True, receive_count=1, path=rec.path, late=latest_version > 0,
+            new=True, receive_count=1, path=rec.path, late=latest_version > 0, own=own,
             study_id=study_id, series_id=series_id,
         )
     else:
         # A resend (activity too: the sender is busy). Check the parent before writing.
-        existing_series, path = q.run(cur, q.EXISTING_INSTANCE, {"sop_uid": rec.sop_uid}).fetchone()
+        existing_series, path, existing_origin, old_size, old_ts = q.run(
+            cur, q.EXISTING_INSTANCE, {"sop_uid": rec.sop_uid}
+        ).fetchone()
         if existing_series != series_id:
             raise InputError(
                 f"SOP instance {rec.sop_uid} already belongs to another series than {rec.series_uid}",
                 code="uid_conflict",
             )
+        own = existing_origin == InstanceOrigin.OWN.value
         q.run(cur, q.TOUCH_SERIES, {"series_id": series_id, "now": now})
-        q.run(cur, q.TOUCH_STUDY, {"study_id": study_id, "now": now})
+        late = False
+        if rec.duplicate is not None:
+            # Different content under a known SOP Instance UID (PS3.3 C.12.1.1.1).
+            q.run(cur, q.COUNT_DUPLICATE, {"study_id": study_id})
+            detail.update(
+                duplicate=rec.duplicate, previous_size_bytes=int(old_size), transfer_syntax=rec.transfer_syntax,
+                previous_transfer_syntax=old_ts,
+            )
+        if rec.duplicate == "replace":
+            q.run(
+                cur,
+                q.REPLACE_INSTANCE,
+                {
+                    "path": rec.path,
+                    "size_bytes": rec.size_bytes,
+                    "transfer_syntax": rec.transfer_syntax,
+                    "instance_number": rec.instance_number,
+                    "referenced_instances": refs,
+                    "calling_ae": rec.calling_ae,
+                    "sop_uid": rec.sop_uid,
+                },
+            )
+            path = rec.path
+            if not own:
+                (latest_version,) = q.run(cur, q.PEND_STUDY, {"study_id": study_id, "now": now}).fetchone()
+                late = latest_version > 0
+        elif not own:
+            q.run(cur, q.TOUCH_STUDY, {"study_id": study_id, "now": now})
         (count,) = q.run(cur, q.RESEND_INSTANCE, {"sop_uid": rec.sop_uid, "now": now}).fetchone()
         outcome = RecordOutcome(
-            new=False, receive_count=int(count or 0), path=path, study_id=study_id, series_id=series_id
+            new=False, receive_count=int(count or 0), path=path, late=late, own=own, duplicate=rec.duplicate,
+            study_id=study_id, series_id=series_id,
         )
 
-    detail: dict[str, Any] = {"new": outcome.new, "receive_count": outcome.receive_count, "size_bytes": rec.size_bytes}
+    detail.update(new=outcome.new, receive_count=outcome.receive_count)
     if outcome.late:
         detail["late"] = True
-    q.run(
-        cur,
-        q.AUDIT,
-        {
-            "now": now,
-            "kind": AuditKind.RECEIVED.value,
-            "study_uid": rec.study_uid,
-            "series_uid": rec.series_uid,
-            "sop_uid": rec.sop_uid,
-            "calling_ae": rec.calling_ae,
-            "detail": detail,
-        },
-    )
+    if outcome.own:
+        detail["origin"] = InstanceOrigin.OWN.value
+    for kind in (AuditKind.RECEIVED, AuditKind.DUPLICATE) if rec.duplicate else (AuditKind.RECEIVED,):
+        q.run(
+            cur,
+            q.AUDIT,
+            {
+                "now": now,
+                "kind": kind.value,
+                "study_uid": rec.study_uid,
+                "series_uid": rec.series_uid,
+                "sop_uid": rec.sop_uid,
+                "calling_ae": rec.calling_ae,
+                "detail": detail,
+            },
+        )
     return outcome
 
 
@@ -474,6 +561,27 @@ class BatchRecorder:
                 raw.invalidate()
             except Exception:  # noqa: BLE001
                 pass
+
+
+@dataclass(frozen=True)
+class IndexedCopy:
+    """The copy of a SOP instance the index holds (what a new copy is compared with)."""
+
+    path: str
+    transfer_syntax: str
+    size_bytes: int
+
+
+def indexed_copy(session: Session, sop_uid: str) -> IndexedCopy | None:
+    """The indexed copy of ``sop_uid``, or None if the index does not hold it.
+
+    Read by the listener only when the instance's file is already in the spool (a
+    resend), to tell a plain resend from different content under the same UID.
+    """
+    row = session.execute(
+        select(Instance.path, Instance.transfer_syntax, Instance.size_bytes).where(Instance.sop_uid == sop_uid)
+    ).first()
+    return None if row is None else IndexedCopy(str(row[0]), str(row[1]), int(row[2]))
 
 
 def record_rejection(

@@ -62,6 +62,13 @@ class VersionState(enum.StrEnum):
     SUPERSEDED = "superseded"  # a newer version replaced it before analysis started
 
 
+class InstanceOrigin(enum.StrEnum):
+    """Where an indexed instance came from (``instances.origin``)."""
+
+    RECEIVED = "received"  # input from a sender
+    OWN = "own"  # a Locus result sent back to us (our SR forwarded by the PACS, another Locus's SR)
+
+
 class StudyStatus(enum.StrEnum):
     """Summary of a study: ``receiving`` until a version exists, then its latest version's state."""
 
@@ -103,6 +110,7 @@ class AuditKind(enum.StrEnum):
     EXPORT_RETRY = "export_retry"
     LOCATION_REVIEWED = "location_reviewed"
     DATASET_EXPORTED = "dataset_exported"
+    DUPLICATE = "duplicate"  # a SOP Instance UID received again with different content
 
 
 class Study(Base):
@@ -122,6 +130,9 @@ class Study(Base):
     pending_since: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     # New instances arrived after a version was queued or analysed (a re-run is due).
     has_late_instances: Mapped[bool] = mapped_column(Boolean, default=False)
+    # SOP Instance UIDs of this study received again with different content
+    # (dicom.duplicate_policy; each one also audited as "duplicate").
+    duplicate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Series(Base):
@@ -156,6 +167,11 @@ class Instance(Base):
     receive_count: Mapped[int] = mapped_column(Integer, default=1)
     # For SEG: [[series_uid, sop_uid], ...] of the source images it references.
     referenced_instances: Mapped[list[list[str]] | None] = mapped_column(JSONType)
+    # InstanceOrigin: "own" = produced by this node or another Locus (never a version's
+    # input, never counted toward completeness); "received" = everything else.
+    origin: Mapped[str] = mapped_column(
+        String(16), default="received", server_default="received"
+    )
 
 
 class StudyVersion(Base):

@@ -17,6 +17,8 @@ from node.db.models import (
     AuditEvent,
     AuditKind,
     Export,
+    Instance,
+    InstanceOrigin,
     Lesion,
     Series,
     Study,
@@ -246,6 +248,17 @@ def study_detail(session: Session, study_uid: str, *, audit_limit: int = 50) -> 
         "last_received_at": ts(study.last_received_at),
         "latest_version": study.latest_version,
         "has_late_instances": study.has_late_instances,
+        # SOP Instance UIDs received again with different content (dicom.duplicate_policy).
+        "duplicates": study.duplicate_count,
+        # Locus results sent back to us: indexed, never a version's input (not in "instances").
+        "own_instances": int(
+            session.scalar(
+                select(func.count(Instance.id))
+                .join(Series, Series.id == Instance.series_id)
+                .where(Series.study_id == study.id, Instance.origin == InstanceOrigin.OWN.value)
+            )
+            or 0
+        ),
         "series": series,
         "versions": versions,
         "reports": reports,

@@ -44,7 +44,15 @@ from node.db.exports import (
     record_export_attempt,
     retry_failed_exports,
 )
-from node.db.ingest import InstanceRecord, RecordOutcome, record_instance, record_rejection, study_calling_aes
+from node.db.ingest import (
+    IndexedCopy,
+    InstanceRecord,
+    RecordOutcome,
+    indexed_copy,
+    record_instance,
+    record_rejection,
+    study_calling_aes,
+)
 from node.db.queries import LesionRow, StudySummary, audit_events, list_lesions, list_studies, study_detail
 from node.db.versions import (
     SegReferences,
@@ -66,6 +74,7 @@ from node.db.versions import (
 __all__ = [
     "SEG_SOP_CLASSES",
     "ExportRow",
+    "IndexedCopy",
     "InstanceRecord",
     "LesionRow",
     "RecordOutcome",
@@ -95,6 +104,7 @@ __all__ = [
     "pending_study_ids",
     "previous_report",
     "record_export_attempt",
+    "indexed_copy",
     "record_instance",
     "record_rejection",
     "reports_for_study",

@@ -26,6 +26,7 @@ from node.db.models import (
     Analysis,
     AuditKind,
     Instance,
+    InstanceOrigin,
     Series,
     Study,
     StudyVersion,
@@ -116,7 +117,11 @@ def study_snapshot(session: Session, study_id: int) -> StudySnapshot | None:
         )
         for s in session.scalars(
             select(Series)
-            .where(Series.study_id == study_id)
+            # A series holding only own instances (our SR sent back) is no input: it must
+            # not hold completeness back while it is "streaming" nor count as a series.
+            .where(Series.study_id == study_id, select(Instance.id).where(
+                Instance.series_id == Series.id, Instance.origin != InstanceOrigin.OWN.value
+            ).exists())
             .order_by(Series.id)
             .execution_options(populate_existing=True)
         )
@@ -127,6 +132,7 @@ def study_snapshot(session: Session, study_id: int) -> StudySnapshot | None:
         .join(Series, Series.id == Instance.series_id)
         .where(
             Series.study_id == study_id,
+            Instance.origin != InstanceOrigin.OWN.value,
             or_(Series.modality == "SEG", Instance.sop_class_uid.in_(SEG_SOP_CLASSES)),
         )
         .order_by(Instance.id)
@@ -247,11 +253,13 @@ def create_study_version(
             detail={"version": old_version, "by_version": number},
         )
 
+    # Own instances (Locus results sent back) are never a version's input.
+    received = Instance.origin != InstanceOrigin.OWN.value
     sop_uids = sorted(
         session.scalars(
             select(Instance.sop_uid)
             .join(Series, Series.id == Instance.series_id)
-            .where(Series.study_id == snapshot.study_id)
+            .where(Series.study_id == snapshot.study_id, received)
         )
     )
     digest = hashlib.sha256("\n".join(sop_uids).encode("ascii", "replace")).hexdigest()
@@ -271,7 +279,7 @@ def create_study_version(
             ["study_version_id", "instance_id"],
             select(literal(version.id, Integer()), Instance.id)
             .join(Series, Series.id == Instance.series_id)
-            .where(Series.study_id == snapshot.study_id),
+            .where(Series.study_id == snapshot.study_id, received),
         )
     )
     sync_study_status(session, snapshot.study_id)

@@ -7,12 +7,17 @@ analysis is triggered elsewhere from the database (style.md lesson 2).
 Order of operations for one C-STORE, and the answer at each failure (status.py):
 
 1. Affected SOP Instance UID from the command set must be a valid UID → else 0xC213.
+   The data set must not be larger than ``max_instance_bytes`` → else 0xA700, before
+   anything is parsed or written.
 2. The data set must be structurally complete (not truncated, really DICOM) and its
    indexed attributes decodable → else 0xC210 (about 0.5 ms for a 512×512 CT).
 3. Study/Series/SOP Instance/SOP Class UIDs in the data set must be valid → else 0xC213;
    SOP Instance UID must equal the command's → else 0xC212; SOP Class UID must equal
    the command's → else 0xA900.
-4. Write, unless this instance is already in the spool (a resend): the spool must stay
+4. Write, unless this instance is already in the spool (a resend; its content is then
+   compared with the indexed copy, and different content follows ``duplicate_policy``:
+   ``keep_first`` writes nothing, ``replace`` writes ``<sop>.<digest>.dcm`` beside the
+   first copy; either way a WARNING and a ``duplicate`` audit row): the spool must stay
    above its free-space watermark with this object → else 0xA700; temp file, fsync,
    atomic link/rename, fsync directory (node.storage) → on OSError 0xA700. Either way
    nothing is left half-stored.
@@ -28,26 +33,33 @@ Order of operations for one C-STORE, and the answer at each failure (status.py):
    the new copy is removed.
 6. 0x0000.
 
+Objects a Locus node produced (its SR forwarded back by a PACS) are indexed with origin
+``own`` and never make a study version (``_is_own`` here, the reports table in
+node.db.ingest): otherwise each returned SR would start a new analysis and a new SR.
+
 Every refusal is logged with UIDs only (no patient data) and recorded through
 ``record_rejection`` so an operator can see why a sender's object is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from io import BytesIO
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 
 from node.db import repo
 from node.db.base import Database
 from node.listener.index_writer import DirectorySyncError, IndexWriter
-from node.listener.parsing import MalformedDataSet, checked_index_fields
+from node.listener.parsing import IndexFields, MalformedDataSet, checked_index_fields
 from node.listener.status import StoreStatus, status_dataset
 from node.storage import Spool, SpoolFullError, is_valid_uid, relpath_for
 from pipelines.errors import InputError
@@ -62,6 +74,14 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: (Manufacturer, Manufacturer's Model Name) of the objects a Locus node writes: the SR's
+#: General Equipment module (pipelines.analysis.DEFAULT_DEVICE; a test checks that they
+#: agree). Written out, not imported, so listener processes stay free of the analysis stack.
+LOCUS_DEVICES: tuple[tuple[str, str], ...] = (("Locus project", "Locus PET/CT node"),)
+
+DUPLICATE_POLICIES = ("keep_first", "replace")
+
+
 @dataclass
 class StoreContext:
     """What the C-STORE handler needs, injected through pynetdicom's handler arguments."""
@@ -72,6 +92,20 @@ class StoreContext:
     clock: Callable[[], datetime] = field(default=_utcnow)
     # Group commit (node.listener.index_writer); None = one transaction per C-STORE.
     writer: IndexWriter | None = None
+    # dicom.max_instance_bytes: larger data sets are refused (0xA700); None = no limit.
+    max_instance_bytes: int | None = None
+    # dicom.duplicate_policy for a known SOP Instance UID with different content.
+    duplicate_policy: str = "keep_first"
+    # analysis.uid_root: instances under it are the node's own (its SRs sent back).
+    own_uid_root: str | None = None
+    # Equipment of objects written by any Locus node (copies from another Locus).
+    own_devices: tuple[tuple[str, str], ...] = LOCUS_DEVICES
+
+    def __post_init__(self) -> None:
+        if self.duplicate_policy not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicate_policy must be one of {DUPLICATE_POLICIES}, got {self.duplicate_policy!r}")
+        if self.max_instance_bytes is not None and self.max_instance_bytes < 1:
+            raise ValueError("max_instance_bytes must be >= 1")
 
 
 class _Refused(Exception):
@@ -119,14 +153,90 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return b"\x00" * 128 + b"DICM" + _element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-def _part10_bytes(event: evt.Event, sop_class_uid: str, sop_instance_uid: str) -> tuple[bytes, bytes, str]:
+def _part10_bytes(
+    event: evt.Event, sop_class_uid: str, sop_instance_uid: str, max_bytes: int | None
+) -> tuple[bytes, bytes, str]:
     """(whole Part 10 file, data set bytes, transfer syntax) without decoding anything.
 
-    The UIDs are the command's (already checked to be valid UIDs, so ASCII).
+    The UIDs are the command's (already checked to be valid UIDs, so ASCII). A data set
+    larger than ``max_bytes`` is refused here, before anything is parsed or written.
     """
     raw = event.encoded_dataset(include_meta=False)
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise _Refused(
+            StoreStatus.OUT_OF_RESOURCES, "instance_too_large",
+            f"data set of {len(raw)} bytes exceeds dicom.max_instance_bytes = {max_bytes}",
+        )
     transfer_syntax = str(event.context.transfer_syntax)
     return file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax) + raw, raw, transfer_syntax
+
+
+def _is_own(fields: IndexFields, ctx: StoreContext) -> bool:
+    """An object a Locus node produced: under this node's UID root, or with Locus's
+    equipment identity (PS3.3 C.7.5.1 Manufacturer + Manufacturer's Model Name), e.g.
+    another Locus's SR. This node's own SRs are also recognised by the index, through
+    the reports table (node.db.ingest)."""
+    root = ctx.own_uid_root
+    if root and fields.sop_uid.startswith(root + "."):
+        return True
+    return (fields.manufacturer, fields.manufacturer_model_name) in ctx.own_devices
+
+
+def _dataset_part(file_bytes: bytes) -> bytes:
+    """The data set of a Part 10 file: after the preamble, "DICM" and the File Meta
+    group, whose first element is its group length (PS3.10 §7.1, (0002,0000) UL)."""
+    if len(file_bytes) >= 144 and file_bytes[128:136] == b"DICM\x02\x00\x00\x00":
+        (group_length,) = struct.unpack_from("<L", file_bytes, 140)
+        return file_bytes[144 + group_length :]
+    return file_bytes
+
+
+def same_content(indexed_file: bytes, indexed_ts: str, new_file: bytes, new_raw: bytes, new_ts: str) -> bool:
+    """Whether a new copy of a SOP instance is the object already indexed.
+
+    Same transfer syntax: the data set bytes must be equal. Another transfer syntax (a
+    PACS may transcode when it forwards): the same object if every attribute outside
+    Pixel Data decodes to the same value; the pixel encoding itself is not compared.
+    """
+    if new_ts == indexed_ts:
+        return _dataset_part(indexed_file) == new_raw
+    try:
+        first = dcmread(BytesIO(indexed_file), stop_before_pixels=True)
+        second = dcmread(BytesIO(new_file), stop_before_pixels=True)
+        return bool(first == second)
+    except Exception:  # noqa: BLE001 - undecodable: not provably the same object
+        return False
+
+
+def _conflicting_copy(
+    ctx: StoreContext, sop_uid: str, file_bytes: bytes, raw: bytes, transfer_syntax: str
+) -> repo.IndexedCopy | None:
+    """The indexed copy of a resent SOP instance if the new bytes are a different object.
+
+    None for a plain resend (same content), or when the index does not hold the
+    instance (it is then indexed as new). Only called when the instance's file is
+    already in the spool, so a first receive costs nothing here.
+    """
+    try:
+        with ctx.db.session() as session:
+            indexed = repo.indexed_copy(session, sop_uid)
+    except Exception as exc:
+        LOGGER.exception("could not read the index for resent instance %s", sop_uid)
+        raise _Refused(
+            StoreStatus.INDEX_UNAVAILABLE, "index_failed", f"index not readable ({type(exc).__name__}); resend later"
+        ) from exc
+    if indexed is None:
+        return None
+    try:
+        with ctx.spool.open(indexed.path) as fh:
+            first = fh.read()
+    except OSError as exc:
+        # The indexed copy cannot be compared: keep today's resend behaviour, say so.
+        LOGGER.error("indexed copy of %s unreadable (%s); treated as a resend", sop_uid, exc.strerror or exc)
+        return None
+    if same_content(first, indexed.transfer_syntax, file_bytes, raw, transfer_syntax):
+        return None
+    return indexed
 
 
 def _record_refusal(ctx: StoreContext, refused: _Refused, calling: str, host: str, sop: str | None) -> None:
@@ -166,7 +276,7 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
                 StoreStatus.INVALID_UID, "invalid_uid",
                 "Affected SOP Class UID in the command is not a valid UID",
             )
-        file_bytes, raw, transfer_syntax = _part10_bytes(event, command_class, command_sop)
+        file_bytes, raw, transfer_syntax = _part10_bytes(event, command_class, command_sop, ctx.max_instance_bytes)
 
         try:
             fields = checked_index_fields(raw, transfer_syntax, file_bytes)
@@ -197,13 +307,32 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
 
         received_at = ctx.clock()
         existed = ctx.spool.exists(relpath_for(fields.study_uid, fields.series_uid, fields.sop_uid))
+        duplicate: str | None = None
+        variant: str | None = None
+        conflicting = (
+            _conflicting_copy(ctx, fields.sop_uid, file_bytes, raw, transfer_syntax) if existed else None
+        )
+        if conflicting is not None:
+            # The same SOP Instance UID with other content: a sender error (PS3.3
+            # C.12.1.1.1). keep_first writes nothing; replace writes the new copy beside
+            # the first, named by its digest (a retry of it finds the same name).
+            duplicate = ctx.duplicate_policy
+            if duplicate == "replace":
+                variant = hashlib.sha256(file_bytes).hexdigest()[:16]
+                existed = ctx.spool.exists(
+                    relpath_for(fields.study_uid, fields.series_uid, fields.sop_uid, variant)
+                )
         try:
-            # With the group-commit writer, the directory fsync is done by the writer
-            # (once per directory per batch) before it commits this record.
-            relpath = ctx.spool.put_atomic(
-                fields.study_uid, fields.series_uid, fields.sop_uid, file_bytes,
-                sync_dir=ctx.writer is None,
-            )
+            if duplicate == "keep_first":
+                assert conflicting is not None
+                relpath = conflicting.path  # nothing written: the index keeps the first copy
+            else:
+                # With the group-commit writer, the directory fsync is done by the writer
+                # (once per directory per batch) before it commits this record.
+                relpath = ctx.spool.put_atomic(
+                    fields.study_uid, fields.series_uid, fields.sop_uid, file_bytes,
+                    sync_dir=ctx.writer is None, variant=variant,
+                )
         except SpoolFullError as exc:
             raise _Refused(StoreStatus.OUT_OF_RESOURCES, "disk_watermark", exc.reason) from exc
         except OSError as exc:
@@ -225,6 +354,8 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
             number_of_slices=fields.number_of_slices,
             instance_number=fields.instance_number,
             referenced_instances=fields.referenced_instances,
+            origin="own" if _is_own(fields, ctx) else "received",
+            duplicate=duplicate,
         )
         try:
             if ctx.writer is not None:
@@ -256,9 +387,20 @@ def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
 
     if not outcome.new and outcome.path and outcome.path != relpath and not existed:
         ctx.spool.remove(relpath)  # the index keeps the first copy (repo.RecordOutcome.path)
-    if not outcome.new:
+    if outcome.duplicate is not None:
+        LOGGER.warning(
+            "SOP Instance UID received again with different content, policy %s: sop=%s series=%s study=%s "
+            "calling=%s (received %d times)",
+            outcome.duplicate, record.sop_uid, record.series_uid, record.study_uid, calling, outcome.receive_count,
+        )
+    elif not outcome.new:
         LOGGER.info(
             "duplicate instance %s from %s (received %d times)", record.sop_uid, calling, outcome.receive_count
+        )
+    if outcome.own and outcome.new:
+        LOGGER.info(
+            "own instance %s (a Locus result sent back) indexed; no new study version for %s",
+            record.sop_uid, record.study_uid,
         )
     if ctx.on_stored is not None:
         try:

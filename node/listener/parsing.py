@@ -55,6 +55,9 @@ class IndexFields:
     number_of_slices: int | None
     instance_number: int | None
     referenced_instances: list[tuple[str, str]] = field(default_factory=list)
+    # General Equipment (PS3.3 C.7.5.1): how an object made by a Locus node is recognised.
+    manufacturer: str = ""
+    manufacturer_model_name: str = ""
 
 
 class _Walker:
@@ -199,8 +202,12 @@ def _walk(raw: bytes, transfer_syntax: str, collect: frozenset[int] = frozenset(
 _SOP_CLASS, _SOP_INSTANCE, _MODALITY = 0x00080016, 0x00080018, 0x00080060
 _STUDY, _SERIES, _INSTANCE_NUMBER, _FRAME_OF_REFERENCE = 0x0020000D, 0x0020000E, 0x00200013, 0x00200052
 _NUMBER_OF_SLICES = 0x00540081
+_MANUFACTURER, _MODEL_NAME = 0x00080070, 0x00081090  # LO; compared with Locus's own ASCII names
 _INDEXED_TAGS = frozenset(
-    {_SOP_CLASS, _SOP_INSTANCE, _MODALITY, _STUDY, _SERIES, _INSTANCE_NUMBER, _FRAME_OF_REFERENCE, _NUMBER_OF_SLICES}
+    {
+        _SOP_CLASS, _SOP_INSTANCE, _MODALITY, _STUDY, _SERIES, _INSTANCE_NUMBER, _FRAME_OF_REFERENCE,
+        _NUMBER_OF_SLICES, _MANUFACTURER, _MODEL_NAME,
+    }
 )
 
 
@@ -243,6 +250,8 @@ def checked_index_fields(raw: bytes, transfer_syntax: str, file_bytes: bytes) ->
         # US, one value (PS3.3 C.8.9.1); a different length is not a usable count.
         number_of_slices=walker._u16.unpack(slices)[0] if len(slices) == 2 else None,
         instance_number=_integer_string(values, _INSTANCE_NUMBER),
+        manufacturer=_ascii(values, _MANUFACTURER),
+        manufacturer_model_name=_ascii(values, _MODEL_NAME),
     )
 
 
@@ -306,6 +315,8 @@ def index_fields(file_bytes: bytes) -> IndexFields:
             referenced_instances=(
                 _seg_references(ds) if sop_class in SEGMENTATION_SOP_CLASSES else []
             ),
+            manufacturer=_text(ds, "Manufacturer"),
+            manufacturer_model_name=_text(ds, "ManufacturerModelName"),
         )
     except MalformedDataSet:
         raise

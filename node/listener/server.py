@@ -66,6 +66,11 @@ class ListenerConfig:
     # Association loops woken by their queues instead of pynetdicom's 1 ms polling
     # (node.listener.transport, node.listener.acceptor). False = pynetdicom's loops.
     event_driven: bool = True
+    # C-STORE policies (node.listener.handlers.StoreContext): size limit, what a known
+    # SOP Instance UID with different content does, and the node's UID root (own objects).
+    max_instance_bytes: int | None = None
+    duplicate_policy: str = "keep_first"
+    own_uid_root: str | None = None
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> ListenerConfig:
@@ -85,6 +90,9 @@ class ListenerConfig:
             accept_compressed=d.accept_compressed,
             processes=resolve_listener_processes(d.listener_processes),
             event_driven=d.event_driven_associations,
+            max_instance_bytes=d.max_instance_bytes,
+            duplicate_policy=d.duplicate_policy,
+            own_uid_root=settings.analysis.uid_root,
         )
 
 
@@ -196,7 +204,10 @@ def start_listener(
     if policy.open:
         LOGGER.warning("no calling-AE allow-list configured: any caller may store to %s", cfg.ae_title)
     writer = IndexWriter(db, sync_parent=spool.sync_parent) if cfg.group_commit else None
-    ctx = StoreContext(spool=spool, db=db, on_stored=on_stored, writer=writer)
+    ctx = StoreContext(
+        spool=spool, db=db, on_stored=on_stored, writer=writer, max_instance_bytes=cfg.max_instance_bytes,
+        duplicate_policy=cfg.duplicate_policy, own_uid_root=cfg.own_uid_root,
+    )
     handlers = [
         (evt.EVT_REQUESTED, make_request_handler(policy, _audit_refusal(db))),
         (evt.EVT_C_STORE, handle_store, [ctx]),

@@ -200,7 +200,8 @@ ORTHANC = Path("/usr/sbin/Orthanc")
 
 
 @contextmanager
-def orthanc(tmp: Path, dicom_port: int, http_port: int, locus_port: int) -> Iterator[str]:
+def orthanc(tmp: Path, dicom_port: int, http_port: int, locus_port: int, **extra: Any) -> Iterator[str]:
+    """A throw-away Orthanc; ``extra`` adds or overrides configuration keys (e.g. LuaScripts)."""
     if not ORTHANC.exists():
         pytest.fail("Orthanc missing: install the Debian package orthanc (see .ci/run)")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -209,6 +210,7 @@ def orthanc(tmp: Path, dicom_port: int, http_port: int, locus_port: int) -> Iter
         "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomModalities": {"locus": ["LOCUS", "127.0.0.1", locus_port]},
         "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 1,
+        **extra,
     }
     cfg = tmp / "orthanc.json"
     cfg.write_text(json.dumps(config))

@@ -1,0 +1,37 @@
+"""Own instances and conflicting duplicates.
+
+``instances.origin``: ``received`` (input from a sender) or ``own`` (an object this node
+or another Locus produced, e.g. our SR forwarded back by a PACS routing rule). Own
+instances are stored and indexed but never make a study version nor count toward its
+completeness (node.completion). ``studies.duplicate_count``: how many times a SOP
+Instance UID of the study arrived again with different content (dicom.duplicate_policy).
+
+Revision ID: 0004_own_instances
+Revises: 0003
+Create Date: 2026-12-07
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004_own_instances"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    # Plain ADD COLUMN with a server default: no table rebuild on either backend.
+    op.add_column("instances", sa.Column("origin", sa.String(16), nullable=False, server_default="received"))
+    op.add_column("studies", sa.Column("duplicate_count", sa.Integer(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("studies") as batch:
+        batch.drop_column("duplicate_count")
+    with op.batch_alter_table("instances") as batch:
+        batch.drop_column("origin")
