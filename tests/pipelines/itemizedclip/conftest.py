@@ -60,6 +60,11 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
             else:
                 fan_in = p[0].numel() if p.ndim > 1 else 1
                 p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+        # Peaked attention in the item block (as trained weights have; flat random attention would
+        # make every map ~1/L and hide errors): larger query/key projections.
+        w = model.state_dict()["visual_attn.attn.in_proj_weight"]
+        e = w.shape[1]
+        w[: 2 * e].mul_(2.0)
 
 
 def build_tiny_itemized(root: Path, *, seed: int = 7) -> dict[str, Path]:
