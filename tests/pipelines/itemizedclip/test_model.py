@@ -321,3 +321,24 @@ def test_prompt_loader_refuses_other_protocols(tmp_path: Path) -> None:
     with pytest.raises(PromptSetError, match="unique"):
         load_item_prompt_set(dup)
     assert len([f for f in load_item_prompt_set().findings if f.rad_chestct]) == 15
+
+
+def test_encode_a_ct_volume_end_to_end(enc: ie.ItemizedClipEncoder) -> None:
+    """Worker entry point: thorax selection + the HLIP chest preprocessing + one forward for every finding."""
+    from pipelines.errors import InputError
+    from tests.pipelines.study_encoder.phantoms import torso
+
+    ct = torso(60, 5.0, -150.0, (-100.0, 100.0))
+    ct.frame_of_reference_uid = "1.2.826.0.1.3680043.10.1"
+    res = enc.encode(ct, body_part_examined="CHEST")
+    assert len(res.findings) == 16 and res.grid.grid == TINY_SPEC.grid_size
+    assert res.grid.frame_of_reference_uid == ct.frame_of_reference_uid
+    assert "hlip_orientation_unvalidated" in {f.code for f in res.flags} and "chest field of view" in res.crop_description
+    # every peak is inside the crop, in patient coordinates
+    lo = res.grid.crop_affine[:3, 3]
+    hi = (res.grid.crop_affine @ [63, 47, 23, 1.0])[:3]
+    for f in res.findings:
+        assert bool(np.all(np.array(f.peak_lps) >= lo - 1e-6) and np.all(np.array(f.peak_lps) <= hi + 1e-6))
+    with pytest.raises(InputError) as err:
+        enc.encode(torso(30, 5.0, 400.0, None))
+    assert err.value.code == "ct_not_chest"
