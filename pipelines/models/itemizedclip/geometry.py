@@ -58,7 +58,8 @@ class TokenGrid:
         if any(s % p for s, p in zip(size, patch, strict=True)):
             raise ModelError(f"crop {size} is not a multiple of the patch {patch}", code="hlip_input_shape")
         grid = tuple(s // p for s, p in zip(size, patch, strict=True))
-        return cls(grid, tuple(int(p) for p in patch), crop_affine_lps(prepared), frame_of_reference_uid)  # type: ignore[arg-type]
+        patch_dhw = tuple(int(p) for p in patch)
+        return cls(grid, patch_dhw, crop_affine_lps(prepared), frame_of_reference_uid)  # type: ignore[arg-type]
 
     @property
     def n_tokens(self) -> int:
@@ -110,8 +111,9 @@ class TokenGrid:
             raise ModelError(f"map of shape {arr.shape} for a {self.grid} grid", code="map_shape")
         pd, ph, pw = self.patch
         up = np.repeat(np.repeat(np.repeat(arr, pd, axis=0), ph, axis=1), pw, axis=2)
-        return Volume(np.ascontiguousarray(up), self.crop_affine.copy(), frame_of_reference_uid=self.frame_of_reference_uid,
-                      series_instance_uid=series_instance_uid, modality="OT")  # fmt: skip
+        return Volume(np.ascontiguousarray(up), self.crop_affine.copy(),
+                      frame_of_reference_uid=self.frame_of_reference_uid, series_instance_uid=series_instance_uid,
+                      modality="OT")  # fmt: skip
 
     def peak(self, token_map: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
         """``((d, h, w), LPS centre)`` of the largest value (first in token order on ties)."""

@@ -61,7 +61,8 @@ class PureAttentionPoolingBlock(nn.Module):
         """
         attn_mask = None if mask is None else (mask == 0)
         out, weights = self.attn(self.ln_q(q), self.ln_k(k), self.ln_v(v), attn_mask=attn_mask,
-                                 need_weights=output_attn_weights, average_attn_weights=average_attn_weights)  # fmt: skip
+                                 need_weights=output_attn_weights,
+                                 average_attn_weights=average_attn_weights)  # fmt: skip
         if output_attn_weights:
             return out, weights
         return out

@@ -107,8 +107,11 @@ class ItemOutputs:
     head_attention: torch.Tensor | None  # [B, n_head, K, L + 1] when requested
 
 
+HeadOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 def item_head(model: ItemizedCLIP, image_tokens: torch.Tensor, text_features: torch.Tensor,
-              *, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+              *, per_head: bool = False) -> HeadOutputs:  # fmt: skip
     """The published zero-shot rule on precomputed tokens (§5): normalise, attend, cosine.
 
     ``text_features`` ``[K, E]`` (raw ``text.proj`` output or already unit-norm),
