@@ -19,12 +19,14 @@ configuration; without one ``present`` is ``None`` (no built-in threshold, no te
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +99,70 @@ class ItemizedEncoding:
             if f.finding_id == finding_id:
                 return f
         raise KeyError(finding_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """Scores, peaks and provenance as plain JSON (maps and embeddings go to :meth:`save_maps`)."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "study_embedding": [float(v) for v in self.study_embedding],
+            "findings": [{"finding_id": f.finding_id, "finding": f.finding, "prompt": f.prompt, "score": f.score,
+                          "threshold": f.threshold, "present": f.present, "null_weight": f.null_weight,
+                          "peak_dhw": list(f.peak_dhw), "peak_lps": list(f.peak_lps), "peak_weight": f.peak_weight}
+                         for f in self.findings],
+            "grid": self.grid.to_json(),
+            "preprocessing_version": self.preprocessing_version,
+            "prompt_set_version": self.prompt_set_version,
+            "map_rule": self.map_rule,
+            "crop_description": self.crop_description,
+            "flags": [dataclasses.asdict(f) for f in self.flags],
+        }  # fmt: skip
+
+    def save_maps(self, path: str | Path) -> Path:
+        """Every finding's token map, null weight and embedding, float16, with the grid geometry (``.npz``).
+
+        float16 keeps ~3 significant digits: enough to display and to find peaks, **not** for
+        the exactness contract, which applies to the float32 values in memory.  Read back with
+        :func:`load_maps` (no pickling on either side).
+        """
+        out = Path(path)
+        np.savez_compressed(
+            out,
+            finding_ids=np.array([f.finding_id for f in self.findings], dtype=np.str_),
+            maps=np.stack([f.token_map for f in self.findings]).astype(np.float16),
+            null_weight=np.array([f.null_weight for f in self.findings], dtype=np.float16),
+            embeddings=np.stack([f.embedding for f in self.findings]).astype(np.float16),
+            token_affine_lps=self.grid.affine,
+            crop_affine_lps=self.grid.crop_affine,
+            patch_dhw=np.array(self.grid.patch, dtype=np.int64),
+            frame_of_reference_uid=np.array(self.grid.frame_of_reference_uid, dtype=np.str_),
+            model_id=np.array(self.model.model_id, dtype=np.str_),
+            map_rule=np.array(self.map_rule, dtype=np.str_),
+        )  # fmt: skip
+        return out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+
+
+@dataclass(frozen=True)
+class StoredMaps:
+    finding_ids: tuple[str, ...]
+    maps: np.ndarray  # float32 [K, d, h, w] (from float16)
+    null_weight: np.ndarray  # float32 [K]
+    embeddings: np.ndarray  # float32 [K, E]
+    grid: geometry.TokenGrid
+    model_id: str
+    map_rule: str
+
+
+def load_maps(path: str | Path) -> StoredMaps:
+    """Read a :meth:`ItemizedEncoding.save_maps` file (``allow_pickle=False``)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            maps = z["maps"].astype(np.float32)
+            grid = geometry.TokenGrid(tuple(int(v) for v in maps.shape[1:]), tuple(int(v) for v in z["patch_dhw"]),
+                                      z["crop_affine_lps"].astype(np.float64), str(z["frame_of_reference_uid"]))  # type: ignore[arg-type]  # fmt: skip
+            return StoredMaps(tuple(str(v) for v in z["finding_ids"]), maps, z["null_weight"].astype(np.float32),
+                              z["embeddings"].astype(np.float32), grid, str(z["model_id"]), str(z["map_rule"]))  # fmt: skip
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelError(f"cannot read ItemizedCLIP maps {Path(path).name}: {exc}", code="maps_unreadable") from exc
 
 
 def check_thresholds(prompts: ItemPromptSet, thresholds: Mapping[str, float]) -> None:

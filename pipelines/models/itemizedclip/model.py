@@ -8,6 +8,9 @@ What is shared with the HLIP study encoder (:mod:`pipelines.models.study_encoder
   open_clip's ``head`` (Dropout p=0, ``proj`` Linear 768→512 without bias) is applied to each of
   them.  :meth:`ItemizedCLIP.encode_image` does exactly that with the trunk's own
   ``forward_features``;
+  Upstream's trunk registers blocks 2, 5, 8, 11 as *scan* attention where HLIP v1 says *study*;
+  with one scan per study the two windows are the same tokens and the CLS mean is over one copy,
+  so the shared HLIP trunk computes the same thing (§2 difference 2);
 * the model-config registry: ``configs/`` here is registered through the HLIP
   :func:`~pipelines.models.study_encoder.model.register_configs` (public
   ``open_clip.add_model_config``), so the model is named and configured like HLIP's;

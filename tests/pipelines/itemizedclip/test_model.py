@@ -342,3 +342,27 @@ def test_encode_a_ct_volume_end_to_end(enc: ie.ItemizedClipEncoder) -> None:
     with pytest.raises(InputError) as err:
         enc.encode(torso(30, 5.0, 400.0, None))
     assert err.value.code == "ct_not_chest"
+
+
+def test_maps_and_results_are_stored_compactly_and_read_back(enc: ie.ItemizedClipEncoder, tmp_path: Path) -> None:
+    from pipelines.models.study_encoder.preprocess import PreparedInput
+
+    x = torch.randn(1, 1, 1, *TINY_SPEC.img_size)
+    res = enc.analyse(PreparedInput(x, (-10.0, 5.0, 20.0), (53.0, 52.0, 89.0), {}), frame_of_reference_uid="1.2.3")
+    data = json.loads(json.dumps(res.to_json()))
+    assert [f["finding_id"] for f in data["findings"]] == [f.finding_id for f in res.findings]
+    assert data["model"]["sha256"] == enc.model_info.sha256 and data["grid"]["grid_dhw"] == list(TINY_SPEC.grid_size)
+    path = res.save_maps(tmp_path / "maps.npz")
+    stored = ie.load_maps(path)
+    assert stored.finding_ids == tuple(f.finding_id for f in res.findings) and stored.model_id == enc.model_info.model_id
+    np.testing.assert_allclose(stored.maps, np.stack([f.token_map for f in res.findings]), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(stored.null_weight, [f.null_weight for f in res.findings], rtol=1e-3)
+    np.testing.assert_allclose(stored.grid.affine, res.grid.affine)
+    assert stored.grid.frame_of_reference_uid == "1.2.3"
+    for k, f in enumerate(res.findings):
+        assert stored.grid.peak(stored.maps[k])[0] == f.peak_dhw or np.isclose(
+            stored.maps[k].max(), stored.maps[k][f.peak_dhw], rtol=1e-3)  # float16 ties only
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ModelError) as err:
+        ie.load_maps(tmp_path / "bad.npz")
+    assert err.value.code == "maps_unreadable"
