@@ -187,3 +187,13 @@ def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
             exports = ", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "—"
             reports.add_row(str(r["version"]), r["sr_sop_uid"], r["predecessor_sop_uid"] or "—", exports)
         console.print(reports)
+
+
+def _attach_similar() -> None:
+    """``locus results similar`` lives in its own module (HLIP search); attached here."""
+    from node.cli_similar import similar
+
+    results.add_command(similar, name="similar")
+
+
+_attach_similar()
