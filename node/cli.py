@@ -139,7 +139,9 @@ def main(ctx: click.Context, config: Path | None, log_level: str | None, json_lo
     try:
         settings = LocusSettings.load(config)
     except (ConfigFileError, ValidationError) as exc:
-        raise click.ClickException(f"invalid configuration: {exc}") from exc
+        from node.urls import mask_url
+
+        raise click.ClickException(mask_url(f"invalid configuration: {exc}")) from exc
     configure_logging(log_level or ("WARNING" if ctx.invoked_subcommand in _QUIET else settings.log_level),
                       json_lines=json_logs)
     ctx.obj = settings
