@@ -42,6 +42,8 @@ def open_database(settings: DatabaseSettings, *, upgrade: bool | None = None, cr
     database = Database(settings.url, echo=settings.echo, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     try:
         if settings.should_auto_upgrade if upgrade is None else upgrade:
+            if check:
+                database.check_schema(allow_older=True)
             database.upgrade()
         elif check:
             database.check_schema()

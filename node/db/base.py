@@ -163,12 +163,13 @@ class Database:
         with self.engine.connect() as connection:
             return set(MigrationContext.configure(connection).get_current_heads())
 
-    def check_schema(self) -> None:
+    def check_schema(self, *, allow_older: bool = False) -> None:
         """Raise :class:`DatabaseNotReady` unless the database is at this code's head revision(s).
 
         Run before any other statement, so a fresh or older database stops the process with
         one line naming ``locus db upgrade`` instead of ``UndefinedTable`` tracebacks on every
         query; a database newer than the code (an older node started against it) is refused too.
+        ``allow_older`` (before an automatic upgrade) refuses only the unreachable and the newer.
         """
         from sqlalchemy.exc import OperationalError
 
@@ -182,7 +183,7 @@ class Database:
             reason = mask_url(text.splitlines()[0]) if text else type(exc).__name__
             raise DatabaseNotReady(f"cannot open database {masked}: {reason}") from exc
         heads = head_revisions()
-        if current == heads:
+        if current == heads or (allow_older and not current):
             return
         if not current:
             raise DatabaseNotReady(f"database {masked} has no Locus schema yet (revision empty, this Locus needs "
@@ -191,6 +192,8 @@ class Database:
         if unknown:
             raise DatabaseNotReady(f"database {masked} is at revision {', '.join(sorted(unknown))}, which this "
                                    "version of Locus does not know (a newer Locus migrated it): upgrade Locus")
+        if allow_older:
+            return
         raise DatabaseNotReady(f"database {masked} is at revision {', '.join(sorted(current))}, this Locus needs "
                                f"{', '.join(sorted(heads))}: run `locus db upgrade`")
 
