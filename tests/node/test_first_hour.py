@@ -347,3 +347,33 @@ def test_echo_to_an_unreachable_peer_is_one_line(env: Path) -> None:
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == [f"C-ECHO PACS@127.0.0.1:{port} failed: cannot connect"]
+
+
+# ----------------------------------------------------------------- serve's sweeper (item 1)
+
+
+def test_sweeper_logs_a_repeated_error_once_with_its_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from node import service
+
+    calls = {"n": 0}
+    node = SimpleNamespace(ctx=SimpleNamespace(settings=SimpleNamespace(
+        completion=SimpleNamespace(sweep_interval_s=0.001))), stop_event=threading.Event())
+
+    def failing_sweep(_ctx: object, ring_exports: bool) -> None:
+        calls["n"] += 1
+        if calls["n"] >= 30:
+            node.stop_event.set()
+        if calls["n"] <= 25:
+            raise RuntimeError('relation "studies" does not exist')
+
+    monkeypatch.setattr(service, "sweep_once", failing_sweep)
+    monkeypatch.setattr(service, "SWEEP_REPEAT_REPORT_S", 1e9)
+    with caplog.at_level("INFO", logger="node.service"):
+        service._sweeper(node)  # type: ignore[arg-type]
+    records = [r for r in caplog.records if r.name == "node.service"]
+    assert [r.exc_info is not None for r in records] == [True, False]
+    assert records[1].getMessage() == "sweep works again after 25 failed attempts (RuntimeError)"
