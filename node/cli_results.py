@@ -16,12 +16,12 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 from sqlalchemy import select
 
 from node.db import Database, Session, open_database, repo
 from node.db.models import Study, StudyStatus
-from node.presentation import LesionView, plural, print_lesions, wide_console
+from node.presentation import LesionView, plural, print_lesions, print_table, wide_console
 from node.settings import LocusSettings
 
 
@@ -103,21 +103,11 @@ def studies(ctx: click.Context, limit: int, status: str | None, as_json: bool) -
     if as_json:
         _emit_json([asdict(r) for r in rows])
         return
-    table = Table(title=plural(len(rows), "study", "studies"))
-    for name in ("Study Instance UID", "Status", "Version", "Series", "Instances", "Lesions", "Last received"):
-        table.add_column(name, no_wrap=name == "Study Instance UID")
-    for r in rows:
-        status_text = r.status + (" (late instances)" if r.has_late_instances else "")
-        table.add_row(
-            r.study_uid,
-            status_text,
-            str(r.latest_version or "—"),
-            str(r.series),
-            str(r.instances),
-            "—" if r.lesions is None else str(r.lesions),
-            format_when(r.last_received_at),
-        )
-    _console().print(table)
+    headers = ("Study Instance UID", "Status", "Version", "Series", "Instances", "Lesions", "Last received")
+    cells = [[r.study_uid, r.status + (" (late instances)" if r.has_late_instances else ""),
+              str(r.latest_version or "—"), str(r.series), str(r.instances),
+              "—" if r.lesions is None else str(r.lesions), format_when(r.last_received_at)] for r in rows]
+    print_table(_console(), plural(len(rows), "study", "studies"), headers, cells, no_wrap=("Study Instance UID",))
 
 
 def lesion_views(rows: list[repo.LesionRow]) -> list[LesionView]:
@@ -167,37 +157,31 @@ def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
         f"first received {format_when(detail['first_received_at'])}, last {format_when(detail['last_received_at'])}"
         + (", late instances pending" if detail["has_late_instances"] else "")
     )
-    series = Table(title="Series")
-    for name in ("Series Instance UID", "Modality", "Instances", "Slices"):
-        series.add_column(name, no_wrap=name == "Series Instance UID")
-    for s in detail["series"]:
-        series.add_row(s["series_uid"], s["modality"], str(s["instances"]), _slices(s))
-    console.print(series)
-    versions = Table(title="Versions")
-    for name in ("Version", "State", "Rule", "Ready", "Instances", "Analysis", "Reason"):
-        versions.add_column(name)
+    print_table(console, "Series", ("Series Instance UID", "Modality", "Instances", "Slices"),
+                [[s["series_uid"], s["modality"], str(s["instances"]), _slices(s)] for s in detail["series"]],
+                no_wrap=("Series Instance UID",))
+    version_rows = []
     for v in detail["versions"]:
         a = v["analysis"] or {}
-        versions.add_row(
+        version_rows.append([
             str(v["version"]),
             v["state"],
             v["completion_rule"],
             format_when(v["ready_at"]),
             str(v["instances"]),
             a.get("status", "—"),
-            " ".join(x for x in (a.get("reason_code"), a.get("reason")) if x) or "—",
-        )
-    console.print(versions)
+            escape(" ".join(x for x in (a.get("reason_code"), a.get("reason")) if x) or "—"),
+        ])
+    print_table(console, "Versions", ("Version", "State", "Rule", "Ready", "Instances", "Analysis", "Reason"),
+                version_rows)
     if lesion_rows:
         print_lesions(lesion_views(lesion_rows), console, title=plural(len(lesion_rows), "lesion"))
     if detail["reports"]:
-        reports = Table(title="Reports")
-        for name in ("Version", "SR SOP Instance UID", "Predecessor", "Exports"):
-            reports.add_column(name, no_wrap=name != "Exports")
-        for r in detail["reports"]:
-            exports = ", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "—"
-            reports.add_row(str(r["version"]), r["sr_sop_uid"], r["predecessor_sop_uid"] or "—", exports)
-        console.print(reports)
+        print_table(console, "Reports", ("Version", "SR SOP Instance UID", "Predecessor", "Exports"),
+                    [[str(r["version"]), r["sr_sop_uid"], r["predecessor_sop_uid"] or "—",
+                      escape(", ".join(f"{e['destination']}: {e['state']}" for e in r["exports"]) or "—")]
+                     for r in detail["reports"]],
+                    no_wrap=("SR SOP Instance UID", "Predecessor"))
 
 
 #: Single-frame image modalities: one instance per slice.

@@ -19,13 +19,12 @@ from typing import Any
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
 from library import load_library
 from node.cli_results import format_when, readonly_session, require_study
 from node.db import Database, open_database
 from node.db.reviews import ReviewError, ReviewRow, confirm_location, correct_location, list_reviews
-from node.presentation import plural, wide_console
+from node.presentation import plural, print_table, wide_console
 from node.settings import LocusSettings
 
 
@@ -94,14 +93,13 @@ def correct(ctx: click.Context, study_uid: str, lesion_id: str, site_id: str, by
     _write(ctx, "correct", study_uid, lesion_id, site_id, by, note, as_json)
 
 
-def _table(rows: list[ReviewRow], latest: bool) -> Table:
-    table = Table(title=plural(len(rows), "lesion") + " reviewed" if latest else plural(len(rows), "review"))
-    for name in ("Study Instance UID", "Ver", "Lesion", "Action", "Site id", "Site", "Was", "Predicted", "By", "At"):
-        table.add_column(name, no_wrap=name in ("Study Instance UID", "Site id"))
-    for r in rows:  # escape(): names are data, not rich markup
-        table.add_row(r.study_uid, str(r.version), r.lesion_id, r.action, r.site_id, escape(r.site_name),
-                      r.previous_site_id or "—", r.predicted_site_id or "—", escape(r.reviewer), format_when(r.at))
-    return table
+def _print_table(rows: list[ReviewRow], latest: bool) -> None:
+    title = plural(len(rows), "lesion") + " reviewed" if latest else plural(len(rows), "review")
+    headers = ("Study Instance UID", "Ver", "Lesion", "Action", "Site id", "Site", "Was", "Predicted", "By", "At")
+    cells = [[r.study_uid, str(r.version), escape(r.lesion_id), r.action, escape(r.site_id), escape(r.site_name),
+              escape(r.previous_site_id or "—"), escape(r.predicted_site_id or "—"), escape(r.reviewer),
+              format_when(r.at)] for r in rows]  # escape(): names are data, not rich markup
+    print_table(wide_console(), title, headers, cells, no_wrap=("Study Instance UID", "Site id"))
 
 
 @review.command("list")
@@ -118,4 +116,4 @@ def list_command(ctx: click.Context, study_uid: str | None, latest: bool, as_jso
     if as_json:
         click.echo(_json([asdict(r) for r in rows]))
         return
-    wide_console().print(_table(rows, latest))
+    _print_table(rows, latest)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 #: What the label and site columns mean, printed under every lesion table.
 LESION_LEGEND = ("label: the sender's SEG segment label; site: the location the localizer predicted "
@@ -133,11 +134,50 @@ def _lesion_blocks(views: Sequence[LesionView], *, title: str, with_study: bool,
 def print_lesions(views: Sequence[LesionView], console: Console, *, title: str, with_study: bool = False) -> None:
     """Print lesions as a table when it fits the console, else as one block per lesion."""
     table = lesion_table(views, title=title, with_study=with_study)
-    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum  # unfolded width
-    if natural <= console.width or not views:
+    if not views:
+        console.print(escape(title))
+    elif fits(table, console):
         console.print(table)
     else:
         _lesion_blocks(views, title=title, with_study=with_study, console=console)
+
+
+def fits(table: Table, console: Console) -> bool:
+    """Whether ``table`` fits the console without folding or abbreviating any cell."""
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum <= console.width
+
+
+def print_table(console: Console, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], *,
+                no_wrap: Sequence[str] = (), right: Sequence[str] = ()) -> None:
+    """A table when it fits the console, else one record per row: the first cell as a
+    heading, then ``header value`` pairs that wrap between pairs, never inside a UID.
+
+    Cells are rich markup: escape data (labels, names) before passing it.
+    """
+    table = Table(title=escape(title))
+    for h in headers:
+        table.add_column(escape(h), no_wrap=h in no_wrap, justify="right" if h in right else "left")
+    for r in rows:
+        table.add_row(*r)
+    if not rows:  # the title says "0 ..."; an empty grid of squeezed headers says nothing more
+        console.print(escape(title))
+        return
+    if fits(table, console):
+        console.print(table)
+        return
+    console.print(escape(title), style="bold")
+    for r in rows:
+        console.print(r[0] if "UID" in headers[0] else f"{escape(headers[0])} {r[0]}", style="bold")
+        line = ""
+        for h, c in zip(headers[1:], r[1:], strict=True):  # pack whole pairs into lines
+            pair = f"{escape(h)} {c}"
+            candidate = f"{line}  {pair}" if line else f"    {pair}"
+            if line and Text.from_markup(candidate).cell_len > console.width:
+                console.print(line)
+                candidate = f"    {pair}"
+            line = candidate
+        if line:
+            console.print(line)
 
 
 def print_lesion_table(result: dict[str, Any], console: Console | None = None) -> None:

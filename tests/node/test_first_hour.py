@@ -377,3 +377,16 @@ def test_sweeper_logs_a_repeated_error_once_with_its_traceback(monkeypatch: pyte
     records = [r for r in caplog.records if r.name == "node.service"]
     assert [r.exc_info is not None for r in records] == [True, False]
     assert records[1].getMessage() == "sweep works again after 25 failed attempts (RuntimeError)"
+
+
+def test_studies_and_show_at_80_columns_keep_uids_whole(analysed: Path) -> None:
+    for argv in (["results", "studies"], ["results", "show", dbh.STUDY], ["review", "list"]):
+        result = invoke(*argv, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        _database, *lines = result.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80, result.stdout
+        assert "…" not in result.stdout
+    studies = invoke("results", "studies", env={"COLUMNS": "80"}).stdout
+    assert dbh.STUDY in studies.splitlines() and "    Status analysed  Version 1  Series 1  Instances 3" in studies
+    show = invoke("results", "show", dbh.STUDY, env={"COLUMNS": "80"}).stdout
+    assert "quiet_timer" in show and "1.2.9.1" in show
