@@ -117,7 +117,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            if type(exc).__name__ == "DatabaseNotReady":  # node.db.base, imported only if a command opened a DB
+            base = sys.modules.get("node.db.base")  # imported only if the command opened a database
+            if base is not None and isinstance(exc, base.DatabaseNotReady):
                 raise click.ClickException(str(exc)) from exc
             raise
 
