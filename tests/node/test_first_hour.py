@@ -59,7 +59,7 @@ def fresh_pg_database() -> Iterator[str]:
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A clean environment with an empty data directory; returns the data directory."""
     for key in list(os.environ):
-        if key.startswith("LOCUS_"):
+        if key.startswith("LOCUS_") and not key.startswith("LOCUS_TEST_"):  # node settings, not test knobs
             monkeypatch.delenv(key)
     data = tmp_path / "data"
     monkeypatch.setenv("LOCUS_DATA_DIR", str(data))
