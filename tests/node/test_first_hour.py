@@ -97,13 +97,15 @@ def test_unmigrated_postgres_stops_queries_with_one_line(fresh_pg_database: str,
 
 
 @pytest.mark.postgres
-def test_serve_on_unmigrated_postgres_exits_with_one_line(fresh_pg_database: str, env: Path) -> None:
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_service_on_unmigrated_postgres_exits_with_one_line(fresh_pg_database: str, env: Path, command: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "LOCUS_DATABASE__URL": fresh_pg_database,
-               "LOCUS_DICOM__HOST": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, "-c", "from node.cli import main; main()", "serve", "--port", str(port)],
+               "LOCUS_DICOM__HOST": "127.0.0.1", "LOCUS_DATA_DIR": str(env)}
+    argv = ["serve", "--port", str(port)] if command == "serve" else ["worker"]
+    proc = subprocess.run([sys.executable, "-c", "from node.cli import main; main()", *argv],
                           capture_output=True, text=True, env=environ, cwd=env.parent, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
