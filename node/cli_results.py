@@ -17,10 +17,9 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy import select
 
 from node.db import Database, Session, open_database, repo
-from node.db.models import Study, StudyStatus
+from node.db.models import StudyStatus
 from node.presentation import LesionView, plural, print_lesions, print_table, wide_console
 from node.settings import LocusSettings
 
@@ -58,7 +57,7 @@ def readonly_session(ctx: click.Context, *, as_json: bool = False) -> Iterator[S
 
 def require_study(session: Session, study_uid: str) -> None:
     """Stop with "no such study" (exit 1) unless the database knows ``study_uid``."""
-    if session.scalar(select(Study.id).where(Study.study_uid == study_uid)) is None:
+    if not repo.study_exists(session, study_uid):
         raise click.ClickException(f"no such study: no study with Study Instance UID {study_uid} in this database")
 
 
