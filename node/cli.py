@@ -12,14 +12,119 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from node.logging import configure_logging
-from node.settings import LocusSettings
+if TYPE_CHECKING:
+    from node.settings import LocusSettings
+
+#: Commands defined in their own modules, imported only when invoked (``locus --help``
+#: must not pay for torch, pynetdicom and SQLAlchemy): name -> ("module:attribute", short help).
+#: The short help is repeated here so the root help lists commands without importing them;
+#: tests/node/test_cli_startup.py checks that it matches each command's own.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "results": ("node.cli_results:results", "Studies, lesions and reports in the results database."),
+    "db": ("node.cli_db:db", "Results database maintenance."),
+    "exports": ("node.cli_exports:exports", "Report exports to the PACS (C-STORE)."),
+    "echo": ("node.cli_echo:echo_command", "Send a C-ECHO to TARGET, given as AE@host:port."),
+    "library": ("node.cli_library:library", "Anatomy knowledge base: coded sites, hierarchy, HCL-AL crosswalk."),
+    "localize": ("node.cli_localize:localize",
+                 "Name the anatomical site of each lesion with HCL-AL-compatible checkpoints."),
+    "demo": ("node.cli_demo:demo", "Run the node end to end on a synthetic PET/CT study and print the lesions."),
+    "review": ("node.cli_review:review",
+               "Confirm or correct lesion locations (the ground truth of `locus dataset export`)."),
+    "dataset": ("node.cli_dataset:dataset", "Training datasets from this node's reviewed results."),
+    "encode-study": ("node.cli_encode:encode_study",
+                     "Encode a study's chest CT with the configured HLIP encoder; optionally map a finding's relevance."),
+}
 
 
-@click.group()
+def _import_command(target: str) -> click.Command:
+    import importlib
+
+    module, _, attr = target.partition(":")
+    command = getattr(importlib.import_module(module), attr)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{target} is not a click command")
+    return command
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported when used, plus ``locus.commands`` plugins.
+
+    Plugins are command groups other installed packages declare in the ``locus.commands``
+    entry-point group (e.g. ``locus train`` from ``training``, which the node must not
+    import).  A plugin that fails to load is skipped with a message; the node still runs.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+        self._plugins: dict[str, Any] | None = None
+
+    def plugins(self) -> dict[str, Any]:
+        """Entry points of the ``locus.commands`` group by name (read once, not loaded)."""
+        if self._plugins is None:
+            from importlib.metadata import entry_points
+
+            self._plugins = {ep.name: ep for ep in entry_points(group="locus.commands")}
+        return self._plugins
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(self.lazy_commands) | set(self.plugins()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        if cmd_name in self.lazy_commands:
+            command = _import_command(self.lazy_commands[cmd_name][0])
+        elif cmd_name in self.plugins():
+            ep = self.plugins()[cmd_name]
+            try:
+                command = ep.load()
+            except Exception as exc:  # a broken optional plugin must not take the node's CLI down
+                print(f"locus: command plugin {ep.name!r} ({ep.value}) not loaded: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+                return None
+        else:
+            return None
+        self.add_command(command, name=cmd_name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the commands with their short help without importing them."""
+        rows = []
+        limit = formatter.width - 6 - max((len(n) for n in self.list_commands(ctx)), default=0)
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                command = self.commands[name]
+                if command.hidden:
+                    continue
+                text = command.get_short_help_str(limit)
+            elif name in self.lazy_commands:
+                text = click.utils.make_default_short_help(self.lazy_commands[name][1], limit)
+            else:
+                ep = self.plugins()[name]
+                text = f"(plugin {ep.value}; `locus {name} --help`)"
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; a database that is not ready is one line, not a traceback."""
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            base = sys.modules.get("node.db.base")  # imported only if the command opened a database
+            if base is not None and isinstance(exc, base.DatabaseNotReady):
+                raise click.ClickException(str(exc)) from exc
+            raise
+
+
+@click.group(cls=LazyGroup, lazy_commands=LAZY_COMMANDS)
+@click.version_option(version=None, package_name="locus", prog_name="locus", message="%(prog)s %(version)s")
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="LOCUS_CONFIG",
               help="TOML settings file (environment variables LOCUS_* override it).")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default from settings).")
@@ -29,12 +134,15 @@ def main(ctx: click.Context, config: Path | None, log_level: str | None, json_lo
     """Locus: PET/CT lesion reports for your PACS."""
     from pydantic import ValidationError
 
+    from node.logging import configure_logging
     from node.settings import ConfigFileError, LocusSettings
 
     try:
         settings = LocusSettings.load(config)
     except (ConfigFileError, ValidationError) as exc:
-        raise click.ClickException(f"invalid configuration: {exc}") from exc
+        from node.urls import mask_url
+
+        raise click.ClickException(mask_url(f"invalid configuration: {exc}")) from exc
     configure_logging(log_level or ("WARNING" if ctx.invoked_subcommand in _QUIET else settings.log_level),
                       json_lines=json_logs)
     ctx.obj = settings
@@ -46,6 +154,8 @@ _QUIET = {"analyse", "results", "library", "exports", "echo", "db", "localize", 
 
 
 def settings_of(ctx: click.Context) -> LocusSettings:
+    from node.settings import LocusSettings
+
     return ctx.find_object(LocusSettings)  # type: ignore[return-value]
 
 
@@ -118,49 +228,3 @@ def analyse(paths: tuple[Path, ...], lesion_mode: str, sr_out: Path | None, as_j
         from node.presentation import print_lesion_table
 
         print_lesion_table(result.to_json())
-
-
-def _attach_optional() -> None:
-    """Attach the command groups defined in their own modules."""
-    import importlib
-
-    for module, name in (
-        ("node.cli_results", "results"),
-        ("node.cli_db", "db"),
-        ("node.cli_exports", "exports"),
-        ("node.cli_echo", "echo_command"),
-        ("node.cli_library", "library"),
-        ("node.cli_localize", "localize"),
-        ("node.cli_demo", "demo"),
-        ("node.cli_review", "review"),
-        ("node.cli_dataset", "dataset"),
-    ):
-        mod = importlib.import_module(module)
-        main.add_command(getattr(mod, name), name=name.removesuffix("_command"))
-    from node.cli_results import results
-    from node.cli_similar import similar
-
-    results.add_command(similar, name="similar")
-    from node.cli_encode import encode_study
-
-    main.add_command(encode_study, name="encode-study")
-
-
-def _attach_plugins() -> None:
-    """Attach command groups other installed packages declare in the ``locus.commands``
-    entry-point group (e.g. ``locus train`` from ``training``, which the node must not
-    import).  A plugin that fails to load is skipped with a message; the node still runs."""
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="locus.commands"):
-        if ep.name in main.commands:
-            continue
-        try:
-            main.add_command(ep.load(), name=ep.name)
-        except Exception as exc:  # a broken optional plugin must not take the node's CLI down
-            print(f"locus: command plugin {ep.name!r} ({ep.value}) not loaded: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-
-
-_attach_optional()
-_attach_plugins()

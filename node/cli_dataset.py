@@ -52,7 +52,7 @@ def export(ctx: click.Context, out_dir: Path, reviewed_only: bool, since: dt.dat
         spool = LocalSpool(settings.storage.spool_dir, create=False)
     except FileNotFoundError as exc:
         raise click.ClickException(f"no spool to export from: {exc}") from exc
-    database = open_database(settings.database)
+    database = open_database(settings.database, create=False)
     try:
         studies = select_studies(database, options)
         with click.progressbar(length=len(studies), label="exporting studies", file=sys.stderr,

@@ -31,14 +31,14 @@ def db() -> None:
 def upgrade(ctx: click.Context, revision: str) -> None:
     """Apply the database migrations (idempotent)."""
     settings = _settings(ctx)
-    database = open_database(settings.database, upgrade=False)
+    database = open_database(settings.database, upgrade=False, check=False)
     try:
         before = database.current_revision()
         database.upgrade(revision)
         after = database.current_revision()
     finally:
         database.dispose()
-    url = database.url.render_as_string(hide_password=True)
+    url = database.masked_url
     if before == after:
         click.echo(f"{url}: already at revision {after}")
     else:
@@ -50,7 +50,7 @@ def upgrade(ctx: click.Context, revision: str) -> None:
 def current(ctx: click.Context) -> None:
     """Print the revision the database is at ("empty" before the first upgrade)."""
     settings = _settings(ctx)
-    database = open_database(settings.database, upgrade=False)
+    database = open_database(settings.database, upgrade=False, check=False)
     try:
         click.echo(database.current_revision() or "empty")
     finally:

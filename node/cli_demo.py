@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from pydicom import dcmread
@@ -97,12 +99,18 @@ def send_study(paths: list[Path], port: int, called_ae: str, console: Console) -
               help="Send this folder of one study's instances instead of the bundled synthetic study.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored result as JSON.")
-def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json: bool) -> None:
+@click.option("--fresh", is_flag=True,
+              help="Send a copy of the study with new UIDs even when the data directory already has its results.")
+def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json: bool, fresh: bool) -> None:
     """Run the node end to end on a synthetic PET/CT study and print the lesions."""
-    from node.db import repo
+    from node.db import open_database, repo
     from node.service import start_node
+    from node.urls import mask_url
 
     console = Console(stderr=True, soft_wrap=True)  # paths and UIDs stay copy-pasteable
+    console.print("Locus demo: about a minute in all (the node waits 10 s of quiet before it calls the study "
+                  "complete, then analyses it on the CPU); the first run after an install also spends 10-30 s "
+                  "importing PyTorch and loading the localizer.")
     data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="locus-demo-"))).absolute()
     node_port, pacs_port = _free_port(), _free_port()
     settings = LocusSettings.load(None, **{
@@ -126,11 +134,35 @@ def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json:
     else:
         console.print(f"localizer: {settings.models.localizer_checkpoint} (from the configuration)")
     console.print(f"data directory: {data_dir}")
+    console.print(f"database: {mask_url(settings.database.url)}")
+    files = sorted(p for p in (study_dir or SAMPLE_STUDY).rglob("*.dcm"))
+    if not files:
+        raise click.ClickException(f"no DICOM files (*.dcm) in {study_dir or SAMPLE_STUDY}")
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    # Before anything starts: an unmigrated shared database stops here with one line
+    # (DatabaseNotReady), and a study this node already has is recognised; the node
+    # rightly ignores instances it already stored, so sending them again would wait forever.
+    database = open_database(settings.database)
+    try:
+        with database.session(readonly=True) as s:
+            known = repo.study_detail(s, study_uid)
+    finally:
+        database.dispose()
+    if known is not None and not fresh:
+        stored = _stored_result(known)
+        if stored is not None:
+            console.print(f"study {study_uid} was analysed before (version {stored[0]} in this database): "
+                          "showing the stored results; `--fresh` sends a copy with new UIDs")
+            _print_outcome(stored[1], known, settings, data_dir, study_uid, [], console, as_json)
+            return
+        console.print(f"study {study_uid} is already in this database (status {known['status']}, no "
+                      "results): sending a copy with new UIDs instead")
+    if known is not None or fresh:
+        files, study_uid = fresh_copy(files, data_dir / "demo-fresh-copies")
+        console.print(f"fresh copy with new UIDs: study {study_uid}")
     pacs, received = start_demo_pacs(data_dir / "demo-pacs-inbox", pacs_port)
     node = start_node(settings)
     try:
-        files = sorted(p for p in (study_dir or SAMPLE_STUDY).rglob("*.dcm"))
-        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         failures = send_study(files, node_port, settings.dicom.ae_title, console)
         console.print(f"sent {len(files)} instances to {settings.dicom.ae_title}@127.0.0.1:{node_port}"
                       + (f" ({failures} failed)" if failures else ""))
@@ -139,21 +171,99 @@ def demo(data_dir: Path | None, study_dir: Path | None, timeout: float, as_json:
         node.stop()
         pacs.shutdown()  # type: ignore[attr-defined]
     if detail is None:
-        raise click.ClickException(f"no report within {timeout:.0f} s; see `locus results show {study_uid}` "
-                                   f"with LOCUS_DATA_DIR={data_dir}")
-    result = detail["result"]
+        raise click.ClickException(f"no report within {timeout:.0f} s; see `LOCUS_DATA_DIR={data_dir} "
+                                   f"{locus_command()} results show {study_uid}`")
+    _print_outcome(detail["result"], detail["detail"], settings, data_dir, study_uid, received, console, as_json)
+
+
+def _stored_result(detail: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """(version, result) of the newest succeeded analysis of a stored study, if any."""
+    done = [v for v in detail.get("versions", []) if (v.get("analysis") or {}).get("status") == "succeeded"]
+    if not done or done[-1]["analysis"].get("result") is None:
+        return None
+    return int(done[-1]["version"]), done[-1]["analysis"]["result"]
+
+
+def _print_outcome(result: dict[str, Any], detail: dict[str, Any], settings: LocusSettings, data_dir: Path,
+                   study_uid: str, received: list[Path], console: Console, as_json: bool) -> None:
+    """The lesions, where the SR is, and commands that work in this shell to look further."""
+    from node.urls import mask_url
+
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         print_lesion_table(result)
-    with node.ctx.db.session() as s:
-        reports = repo.reports_for_study(s, study_uid)
-    for r in reports:
-        console.print(f"SR {r.sr_sop_uid}: {settings.storage.reports_dir / r.path}")
+    for r in detail.get("reports") or []:
+        console.print(f"SR {r['sr_sop_uid']}: {settings.storage.reports_dir / r['path']}")
     for p in received:
         console.print(f"received by the demo PACS: {p}")
-    console.print(f"database: {settings.database.url}\ninspect with: LOCUS_DATA_DIR={data_dir} locus results show "
-                  f"{study_uid}")
+    locus = locus_command()
+    console.print(f"database: {mask_url(settings.database.url)}\ninspect with:\n"
+                  f"  LOCUS_DATA_DIR={data_dir} {locus} results show {study_uid}\n"
+                  f"  LOCUS_DATA_DIR={data_dir} {locus} results lesions {study_uid}")
+
+
+def locus_command() -> str:
+    """How to call ``locus`` again from this shell: ``locus`` when it is on PATH, else the
+    script as it was called (``.venv/bin/locus`` after the README's install), else this
+    interpreter's script, relative to the working directory when it lies under it."""
+    import os
+    import shutil
+
+    called = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    script = called if called is not None and called.name == "locus" and called.is_file() else \
+        Path(sys.executable).parent / "locus"
+    if not script.is_file():
+        return "locus"
+    on_path = shutil.which("locus")
+    if on_path is not None and os.path.samefile(on_path, script):
+        return "locus"
+    if not script.is_absolute():
+        return str(script)
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def fresh_copy(files: list[Path], out_root: Path) -> tuple[list[Path], str]:
+    """Copies of one study's files with new Study, Series, SOP Instance and Frame of Reference
+    UIDs, references included (the SEG's Referenced Series/Instance Sequences and the
+    per-frame Derivation Image Sequence, PS3.3 C.8.20), so the node sees a new study.
+
+    Every UI element anywhere in the data sets whose value is one of the replaced UIDs is
+    rewritten; other UIDs (SOP classes, transfer syntaxes, code schemes) are left alone.
+    Returns the new files and the new Study Instance UID.
+    """
+    from pydicom.uid import generate_uid
+
+    datasets = [dcmread(p) for p in files]
+    mapping: dict[str, str] = {}
+    for ds in datasets:
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            value = ds.get(keyword)
+            if value and str(value) not in mapping:
+                mapping[str(value)] = generate_uid(prefix=None)  # 2.25.<UUID> (PS3.5 B.2)
+
+    def replace(_ds: Any, elem: Any) -> None:
+        if elem.VR != "UI" or elem.value is None:
+            return
+        if elem.VM > 1:
+            elem.value = [mapping.get(str(v), str(v)) for v in elem.value]
+        elif str(elem.value) in mapping:
+            elem.value = mapping[str(elem.value)]
+
+    study_uid = mapping[str(datasets[0].StudyInstanceUID)]
+    out_dir = out_root / study_uid
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for ds in datasets:
+        ds.walk(replace)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out, study_uid
 
 
 def _wait_for_report(ctx: object, study_uid: str, received: list[Path], timeout: float,

@@ -6,8 +6,11 @@ whether the peer is reachable and accepts our calling AE title.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
+from collections.abc import Iterator
 
 import click
 
@@ -34,6 +37,20 @@ def _calling_default(ctx: click.Context) -> str:
     return str(getattr(export, "calling_ae_title", None) or "LOCUS")
 
 
+@contextlib.contextmanager
+def _pynetdicom_quiet() -> Iterator[None]:
+    """Silence pynetdicom's own log lines for one command: it logs an unreachable peer at
+    ERROR ("Association request failed", "TCP Initialisation Error") before Locus's one
+    line says the same, and a person at a terminal should read it once."""
+    logger = logging.getLogger("pynetdicom")  # its modules log to children ("pynetdicom.transport")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 @click.command("echo")
 @click.argument("target")
 @click.option("--calling-ae", "calling_ae", default=None, help="Our AE title (default: export.calling_ae_title).")
@@ -45,9 +62,10 @@ def echo_command(ctx: click.Context, target: str, calling_ae: str | None, timeou
     calling = calling_ae or _calling_default(ctx)
     started = time.perf_counter()
     try:
-        status = echo(peer, calling_ae_title=calling, timeout=timeout)
+        with _pynetdicom_quiet():
+            status = echo(peer, calling_ae_title=calling, timeout=timeout)
     except TransientError as exc:
-        click.echo(f"C-ECHO {peer} failed: {exc.reason}", err=True)
+        click.echo(f"C-ECHO {peer} failed: {exc.reason.removeprefix(f'{peer}: ')}", err=True)
         ctx.exit(2)
         return
     elapsed_ms = (time.perf_counter() - started) * 1000

@@ -58,8 +58,14 @@ def exports() -> None:
 @click.pass_context
 def list_exports(ctx: click.Context, state: str | None, study_uid: str | None, limit: int, as_json: bool) -> None:
     """List exports with their state, attempts and the peer's last status or error."""
-    db = open_database(_settings(ctx).database)
-    rows = _export_rows(db, state, study_uid, limit)
+    from node.cli_results import query_database
+
+    _settings(ctx)
+    db = query_database(ctx, as_json=as_json)
+    try:
+        rows = _export_rows(db, state, study_uid, limit)
+    finally:
+        db.dispose()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -84,7 +90,7 @@ def retry(ctx: click.Context, study_uid: str | None, destination: str | None, se
     from datetime import UTC, datetime
 
     settings = _settings(ctx)
-    db = open_database(settings.database)
+    db = open_database(settings.database, create=False)
     with db.session() as session:
         count = repo.retry_failed_exports(session, datetime.now(UTC), study_uid=study_uid, destination=destination)
     click.echo(f"{count} failed export(s) queued again")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,64 @@ def _case_rows(localizer: Any, mode: str, images: Sequence[str], rows: list[dict
     yield from zip(out_rows, localizer.localize_images(ct, suv, queries))
 
 
+@dataclass(frozen=True)
+class _Release:
+    """The four files of an HCL-AL release and where they came from (said on stderr)."""
+
+    files: tuple[Path, Path, Path, Path]
+    source: str
+    model_id: str | None = None
+    expected: Any = None  # LocalizerSpec of a registry entry (pins the files' hashes)
+
+
+def _release(ctx: click.Context, coarse: Path | None, fine: Path | None, vocabulary: Path | None,
+             descriptions: Path | None) -> _Release:
+    """The localizer to run: the four files given, else ``models.localizer_checkpoint`` (a
+    release directory or a registry file with ``models.localizer_id``), else the demo
+    localizer shipped in ``node/demo_localizer`` (as ``locus demo`` does)."""
+    given = {"--coarse": coarse, "--fine": fine, "--vocabulary": vocabulary, "--descriptions": descriptions}
+    if any(v is not None for v in given.values()):
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise click.UsageError(f"give all four release files or none (missing {', '.join(missing)}); without "
+                                   "them the configured or the shipped demo localizer is used")
+        return _Release((coarse, fine, vocabulary, descriptions), "the files given")  # type: ignore[arg-type]
+    from node.cli_demo import DEMO_LOCALIZER, demo_localizer_dir
+    from node.settings import LocusSettings
+
+    settings = ctx.find_object(LocusSettings) or LocusSettings.load()
+    cfg = settings.models
+    path = cfg.resolve(cfg.localizer_checkpoint)
+    if path is None:
+        shipped = demo_localizer_dir()
+        if shipped is None:
+            raise click.UsageError(f"no localizer: none configured (models.localizer_checkpoint), {DEMO_LOCALIZER} is "
+                                   "incomplete, and --coarse/--fine/--vocabulary/--descriptions were not given")
+        return _Release(_release_files(shipped), f"demo weights in {shipped} (trained on synthetic phantoms only)")
+    if path.suffix == ".json":
+        from pipelines.models.registry import ModelRegistry
+
+        if cfg.localizer_id is None:
+            raise click.UsageError(f"{path} is a model registry: set models.localizer_id")
+        spec = ModelRegistry.from_file(path).get(cfg.localizer_id)
+        files = (Path(spec.coarse.path), Path(spec.fine.path), Path(spec.vocabulary.path),
+                 Path(spec.descriptions.path))
+        return _Release(files, f"{cfg.localizer_id} from {path} (configured)", cfg.localizer_id, spec)
+    if not path.is_dir():
+        raise click.UsageError(f"models.localizer_checkpoint {path} is neither a release directory nor a registry")
+    return _Release(_release_files(path), f"{path} (configured)", cfg.localizer_id)
+
+
+def _release_files(root: Path) -> tuple[Path, Path, Path, Path]:
+    """The four files of a directory in HCL-AL's release layout (node.models reads the same)."""
+    files = (root / "coarse" / "params.pth", root / "fine" / "params.pth",
+             root / "anatomy_vocabulary_library.json", root / "augmented_location_descriptions.json")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise click.UsageError(f"localizer directory {root} lacks {', '.join(missing)}")
+    return files
+
+
 @click.command("localize")
 @click.option("--ct", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CT in HU (NIfTI, NRRD, MHA).")
 @click.option("--suv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="PET in SUV.")
@@ -127,11 +186,13 @@ def _case_rows(localizer: Any, mode: str, images: Sequence[str], rows: list[dict
               help="CSV with x,y,z,width,height,depth (LPS mm) per lesion: box mode.")  # fmt: skip
 @click.option("--input-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="HCL-AL inference CSV (box or mask mode), instead of --ct/--suv/--mask.")  # fmt: skip
-@click.option("--coarse", required=True, type=click.Path(exists=True, path_type=Path), help="Coarse params.pth (or its folder).")
-@click.option("--fine", required=True, type=click.Path(exists=True, path_type=Path), help="Fine params.pth (or its folder).")
-@click.option("--vocabulary", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--coarse", type=click.Path(exists=True, path_type=Path),
+              help="Coarse params.pth (or its folder). With --fine, --vocabulary, --descriptions; without all four: "
+                   "models.localizer_checkpoint, else the shipped demo localizer.")  # fmt: skip
+@click.option("--fine", type=click.Path(exists=True, path_type=Path), help="Fine params.pth (or its folder).")
+@click.option("--vocabulary", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="anatomy_vocabulary_library.json")  # fmt: skip
-@click.option("--descriptions", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--descriptions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="augmented_location_descriptions.json")  # fmt: skip
 @click.option("--geometry-mode", type=click.Choice(["corrected", "hcl-al"]), default="corrected", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda:0")
@@ -139,10 +200,12 @@ def _case_rows(localizer: Any, mode: str, images: Sequence[str], rows: list[dict
 @click.option("--batch-size", type=int, default=None, help="lesions per encoder forward")
 @click.option("--output", "-o", default="-", show_default=True, help="output CSV path ('-' = stdout)")
 @click.option("--with-flags", is_flag=True, help="append locus_flags, locus_model_id, locus_model_sha256 columns")
+@click.pass_context
 def localize(
-    ct: Path | None, suv: Path | None, mask: Path | None, boxes: Path | None, input_csv: Path | None, coarse: Path,
-    fine: Path, vocabulary: Path, descriptions: Path, geometry_mode: str, device: str, topk: int,
-    batch_size: int | None, output: str, with_flags: bool,
+    ctx: click.Context, ct: Path | None, suv: Path | None, mask: Path | None, boxes: Path | None,
+    input_csv: Path | None, coarse: Path | None, fine: Path | None, vocabulary: Path | None,
+    descriptions: Path | None, geometry_mode: str, device: str, topk: int, batch_size: int | None, output: str,
+    with_flags: bool,
 ) -> None:  # fmt: skip
     """Name the anatomical site of each lesion with HCL-AL-compatible checkpoints."""
     from pipelines.errors import LocusError
@@ -163,9 +226,11 @@ def localize(
             mode, cases = "box", [(tuple(base.values()), [{**base, **r} for r in box_rows])]
         else:
             mode, cases = "mask", [(tuple(base.values()), [base])]
+    release = _release(ctx, coarse, fine, vocabulary, descriptions)
+    click.echo(f"localizer: {release.source}", err=True)
     try:
-        loc = Localizer.load(coarse, fine, vocabulary, descriptions, device=device, geometry_mode=geometry_mode,
-                             coarse_topk=topk, batch_size=batch_size)  # fmt: skip
+        loc = Localizer.load(*release.files, device=device, geometry_mode=geometry_mode, coarse_topk=topk,
+                             batch_size=batch_size, model_id=release.model_id, expected=release.expected)
         results = [(row, res) for images, rows in cases for row, res in _case_rows(loc, mode, images, rows)]
     except LocusError as exc:
         raise click.ClickException(f"{exc.code}: {exc.reason}") from exc

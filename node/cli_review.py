@@ -19,13 +19,12 @@ from typing import Any
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
 from library import load_library
-from node.cli_results import format_when, readonly_session
+from node.cli_results import format_when, readonly_session, require_study
 from node.db import Database, open_database
 from node.db.reviews import ReviewError, ReviewRow, confirm_location, correct_location, list_reviews
-from node.presentation import wide_console
+from node.presentation import plural, print_table, wide_console
 from node.settings import LocusSettings
 
 
@@ -39,7 +38,7 @@ def _write(ctx: click.Context, action: str, study_uid: str, lesion_id: str, site
     if settings is None:
         raise click.UsageError("no settings on the click context (run through the `locus` command)")
     library = load_library()
-    database: Database = open_database(settings.database)
+    database: Database = open_database(settings.database, create=False)
     now = dt.datetime.now(dt.UTC)
     try:
         with database.session() as session:
@@ -50,7 +49,8 @@ def _write(ctx: click.Context, action: str, study_uid: str, lesion_id: str, site
                 row = correct_location(session, study_uid, lesion_id, site_id or "", reviewer=by, now=now,
                                        library=library, note=note)
     except ReviewError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.reason}") from exc
+        prefix = "no such study" if exc.code == "unknown_study" else exc.code
+        raise click.ClickException(f"{prefix}: {exc.reason}") from exc
     finally:
         database.dispose()
     if as_json:
@@ -93,14 +93,13 @@ def correct(ctx: click.Context, study_uid: str, lesion_id: str, site_id: str, by
     _write(ctx, "correct", study_uid, lesion_id, site_id, by, note, as_json)
 
 
-def _table(rows: list[ReviewRow], latest: bool) -> Table:
-    table = Table(title=f"{len(rows)} {'lesions reviewed' if latest else 'reviews'}")
-    for name in ("Study Instance UID", "Ver", "Lesion", "Action", "Site id", "Site", "Was", "Predicted", "By", "At"):
-        table.add_column(name, no_wrap=name in ("Study Instance UID", "Site id"))
-    for r in rows:  # escape(): names are data, not rich markup
-        table.add_row(r.study_uid, str(r.version), r.lesion_id, r.action, r.site_id, escape(r.site_name),
-                      r.previous_site_id or "—", r.predicted_site_id or "—", escape(r.reviewer), format_when(r.at))
-    return table
+def _print_table(rows: list[ReviewRow], latest: bool) -> None:
+    title = plural(len(rows), "lesion") + " reviewed" if latest else plural(len(rows), "review")
+    headers = ("Study Instance UID", "Ver", "Lesion", "Action", "Site id", "Site", "Was", "Predicted", "By", "At")
+    cells = [[r.study_uid, str(r.version), escape(r.lesion_id), r.action, escape(r.site_id), escape(r.site_name),
+              escape(r.previous_site_id or "—"), escape(r.predicted_site_id or "—"), escape(r.reviewer),
+              format_when(r.at)] for r in rows]  # escape(): names are data, not rich markup
+    print_table(wide_console(), title, headers, cells, no_wrap=("Study Instance UID", "Site id"))
 
 
 @review.command("list")
@@ -110,9 +109,11 @@ def _table(rows: list[ReviewRow], latest: bool) -> Table:
 @click.pass_context
 def list_command(ctx: click.Context, study_uid: str | None, latest: bool, as_json: bool) -> None:
     """Review history, oldest first (of one study, or of all)."""
-    with readonly_session(ctx) as session:
+    with readonly_session(ctx, as_json=as_json) as session:
+        if study_uid is not None:
+            require_study(session, study_uid)
         rows = list_reviews(session, study_uid, latest_only=latest)
     if as_json:
         click.echo(_json([asdict(r) for r in rows]))
         return
-    wide_console().print(_table(rows, latest))
+    _print_table(rows, latest)

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import click
 
-from node.db import open_database
+from node.cli_results import query_database, require_study
 from node.settings import LocusSettings
 from node.similarity import find_similar
 from pipelines.errors import InputError
@@ -24,12 +24,13 @@ def similar(ctx: click.Context, study_uid: str, k: int, model_id: str | None, as
     settings = ctx.find_object(LocusSettings)
     if settings is None:
         raise click.UsageError("no settings on the click context (run through the `locus` command)")
-    database = open_database(settings.database)
+    database = query_database(ctx, as_json=as_json)
     try:
         with database.session(readonly=True) as session:
+            require_study(session, study_uid)
             result = find_similar(session, study_uid, k=k, model_id=model_id)
     except InputError as exc:
-        raise click.ClickException(f"{exc} [{exc.code}]") from exc
+        raise click.ClickException(f"{exc} [{exc.code}]{_why_no_embedding(settings, exc)}") from exc
     finally:
         database.dispose()
     if as_json:
@@ -41,3 +42,14 @@ def similar(ctx: click.Context, study_uid: str, k: int, model_id: str | None, as
         click.echo(f"({result.excluded_other_preprocessing} embeddings with another preprocessing version skipped)")
     for rank, hit in enumerate(result.results, 1):
         click.echo(f"{rank:>3}  {hit.similarity:+.4f}  {hit.study_uid}  (version {hit.version})")
+
+
+def _why_no_embedding(settings: LocusSettings, exc: InputError) -> str:
+    """Why a study may have no embedding: the node has no study encoder, or it has not embedded this study."""
+    if exc.code != "no_embedding":
+        return ""
+    if settings.models.study_encoder_checkpoint is None:
+        return ("; no study encoder is configured (models.study_encoder_checkpoint), so this node stores no "
+                "study embeddings")
+    return (f"; the configured study encoder ({settings.models.study_encoder_checkpoint.name}) has not embedded "
+            "it: its analysis may be pending or failed, or the study has no CT the encoder accepts")

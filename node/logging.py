@@ -61,6 +61,32 @@ class PhiGuard(logging.Filter):
         return arg
 
 
+class CredentialMask(logging.Filter):
+    """Mask the password of any URL in a log line (a driver's or broker's message may quote
+    the database or broker URL it failed on): :func:`node.urls.mask_url`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's to report, not ours
+            return True
+        if "://" in message:
+            from node.urls import mask_url
+
+            masked = mask_url(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+class _AlembicChatter(logging.Filter):
+    """Drop Alembic's per-connection INFO lines ("Context impl ...", "Will assume ..."):
+    the schema check opens one on every start; migrations ("Running upgrade ...") still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and str(record.msg).startswith(("Context impl", "Will assume")))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -89,6 +115,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     handler.addFilter(PhiGuard())
+    handler.addFilter(CredentialMask())
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -97,3 +124,8 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root.setLevel(level.upper())
     # pynetdicom is chatty at INFO (one line per PDU); keep its warnings.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # Alembic announces its plugins and connection context at INFO on every start.
+    logging.getLogger("alembic.runtime.plugins").setLevel(max(logging.WARNING, root.level))
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _AlembicChatter) for f in migration.filters):
+        migration.addFilter(_AlembicChatter())

@@ -111,18 +111,35 @@ class RunningNode:
             t.join(timeout=10)
 
 
+#: While the sweep keeps failing with the same error, how often to say so (seconds).
+SWEEP_REPEAT_REPORT_S = 60.0
+
+
 def _sweeper(node: RunningNode) -> None:
     interval = node.ctx.settings.completion.sweep_interval_s
     export_every = max(5.0, interval)  # the outbox pass is the safety net behind per-report doorbells
     last_ring = 0.0
+    failing: tuple[str, str] | None = None  # the error being repeated, logged with its traceback once
+    repeats, last_report = 0, 0.0
     while not node.stop_event.wait(interval):
         try:
             ring = time.monotonic() - last_ring >= export_every
             sweep_once(node.ctx, ring_exports=ring)
             if ring:
                 last_ring = time.monotonic()
-        except Exception:  # noqa: BLE001 - the sweeper must survive a bad moment (DB locked ...)
-            log.exception("sweep failed; retrying in %.1fs", interval)
+            if failing is not None:
+                log.warning("sweep works again after %d failed attempts (%s)", repeats + 1, failing[0])
+                failing, repeats = None, 0
+        except Exception as exc:  # noqa: BLE001 - the sweeper must survive a bad moment (DB locked ...)
+            key = (type(exc).__name__, str(exc)[:300])
+            if key != failing:  # a new error: its traceback, once
+                log.exception("sweep failed; retrying every %.1fs", interval)
+                failing, repeats, last_report = key, 0, time.monotonic()
+            else:  # the same error again: one line a minute, not a traceback a second
+                repeats += 1
+                if time.monotonic() - last_report >= SWEEP_REPEAT_REPORT_S:
+                    log.error("sweep still failing (%d more times): %s: %s", repeats, *key)
+                    last_report = time.monotonic()
 
 
 def start_worker_thread(queues: list[str], concurrency: int = 1) -> tuple[Any, threading.Thread]:

@@ -74,6 +74,12 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class DatabaseNotReady(RuntimeError):
+    """The configured database cannot be used as it is: unreachable, missing, or at
+    another schema revision than this version of Locus.  The message is one line for
+    people (credentials masked) naming what to do; the CLI prints it without a traceback."""
+
+
 #: Backends the repository code is written and tested for.
 SUPPORTED_BACKENDS = frozenset({"sqlite", "postgresql"})
 
@@ -93,7 +99,7 @@ class Database:
             # Idempotent inserts use dialect-specific ON CONFLICT; refuse early, with the reason.
             raise ValueError(
                 f"database {backend!r} is not supported: use SQLite or PostgreSQL "
-                f"(got {self.url.render_as_string(hide_password=True)})"
+                f"(got {self.masked_url})"
             )
         self.is_sqlite = backend == "sqlite"
         self.sqlite_busy_timeout_ms = sqlite_busy_timeout_ms
@@ -115,7 +121,14 @@ class Database:
         )
 
     def __repr__(self) -> str:
-        return f"Database({self.url.render_as_string(hide_password=True)!r})"
+        return f"Database({self.masked_url!r})"
+
+    @property
+    def masked_url(self) -> str:
+        """The URL for people and logs: password masked (:func:`node.urls.mask_url`)."""
+        from node.urls import mask_url
+
+        return mask_url(self.url.render_as_string(hide_password=False))
 
     @contextmanager
     def session(self, *, readonly: bool = False) -> Iterator[Session]:
@@ -143,6 +156,47 @@ class Database:
             command.upgrade(cfg, revision)
             connection.commit()
 
+    def current_heads(self) -> set[str]:
+        """The Alembic revisions the database is at (empty for an empty database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return set(MigrationContext.configure(connection).get_current_heads())
+
+    def check_schema(self, *, allow_older: bool = False) -> None:
+        """Raise :class:`DatabaseNotReady` unless the database is at this code's head revision(s).
+
+        Run before any other statement, so a fresh or older database stops the process with
+        one line naming ``locus db upgrade`` instead of ``UndefinedTable`` tracebacks on every
+        query; a database newer than the code (an older node started against it) is refused too.
+        ``allow_older`` (before an automatic upgrade) refuses only the unreachable and the newer.
+        """
+        from sqlalchemy.exc import OperationalError
+
+        from node.urls import mask_url
+
+        masked = self.masked_url
+        try:
+            current = self.current_heads()
+        except OperationalError as exc:
+            text = str(exc.orig or exc).strip()
+            reason = mask_url(text.splitlines()[0]) if text else type(exc).__name__
+            raise DatabaseNotReady(f"cannot open database {masked}: {reason}") from exc
+        heads = head_revisions()
+        if current == heads or (allow_older and not current):
+            return
+        if not current:
+            raise DatabaseNotReady(f"database {masked} has no Locus schema yet (revision empty, this Locus needs "
+                                   f"{', '.join(sorted(heads))}): run `locus db upgrade` first")
+        unknown = current - known_revisions()
+        if unknown:
+            raise DatabaseNotReady(f"database {masked} is at revision {', '.join(sorted(unknown))}, which this "
+                                   "version of Locus does not know (a newer Locus migrated it): upgrade Locus")
+        if allow_older:
+            return
+        raise DatabaseNotReady(f"database {masked} is at revision {', '.join(sorted(current))}, this Locus needs "
+                               f"{', '.join(sorted(heads))}: run `locus db upgrade`")
+
     def current_revision(self) -> str | None:
         """The Alembic revision the database is at (None for an empty database)."""
         from alembic.runtime.migration import MigrationContext
@@ -152,6 +206,20 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def head_revisions() -> set[str]:
+    """The head revision(s) of the migration scripts shipped with this code."""
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def known_revisions() -> set[str]:
+    """Every revision of the shipped migration scripts."""
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
 def alembic_config(connection: Connection | None = None) -> Any:

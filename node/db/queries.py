@@ -114,6 +114,11 @@ def list_studies(session: Session, *, limit: int = 100, status: str | None = Non
     ]
 
 
+def study_exists(session: Session, study_uid: str) -> bool:
+    """Whether the database knows ``study_uid`` (query commands answer "no such study" otherwise)."""
+    return session.scalar(select(Study.id).where(Study.study_uid == study_uid)) is not None
+
+
 def list_lesions(session: Session, study_uid: str | None = None, *, limit: int = 1000) -> list[LesionRow]:
     """Lesions of each study's newest successful analysis (one study, or all)."""
     study_ids = None

@@ -53,7 +53,15 @@ from node.db.ingest import (
     record_rejection,
     study_calling_aes,
 )
-from node.db.queries import LesionRow, StudySummary, audit_events, list_lesions, list_studies, study_detail
+from node.db.queries import (
+    LesionRow,
+    StudySummary,
+    audit_events,
+    list_lesions,
+    list_studies,
+    study_detail,
+    study_exists,
+)
 from node.db.versions import (
     SegReferences,
     SeriesState,
@@ -114,6 +122,7 @@ __all__ = [
     "store_embedding",
     "study_calling_aes",
     "study_detail",
+    "study_exists",
     "stale_queued_versions",
     "study_snapshot",
     "versions_to_enqueue",

@@ -1,4 +1,4 @@
-"""Per-lesion PET/CT measurements from SEG segments: SUV statistics, MTV, TLG, CT HU, extent.
+"""Per-lesion PET/CT measurements from SEG segments: SUV statistics, volume, TLG, CT HU, extent.
 
 Definitions (all on the native PET grid; the SEG mask is first placed on that grid by
 :func:`pipelines.dicom.seg.map_region`):
@@ -14,8 +14,11 @@ Definitions (all on the native PET grid; the SEG mask is first placed on that gr
   inside the sphere count whether or not they belong to the lesion; kernel voxels
   outside the image are dropped and the weights renormalised (flagged
   ``suv_peak_sphere_truncated``).
-* **MTV** (metabolic tumour volume, mL) = PET voxel count x |det(affine)| / 1000.
-* **TLG** = SUVmean x MTV.
+* **Volume** (mL) = PET voxel count x |det(affine)| / 1000: the volume of the sender's SEG
+  segment on the PET grid.  No SUV threshold is applied, so it is a metabolic tumour volume
+  only as far as the segmentation is one; a threshold-based MTV (SUV >= 2.5, or >= 41 % of
+  SUVmax) is not computed.
+* **TLG** = SUVmean x volume.
 * **CT mean HU**: mean CT value over the lesion placed on the CT grid.
 * **Bounding box and centroid** are computed on the grid the mask was drawn on (the SEG's
   own grid), the most faithful description of the annotation: centroid = affine x mean
@@ -168,7 +171,7 @@ class PetStats:
 
 
 def pet_statistics(pet: Volume, region: RegionMask, kernel: SphereKernel | None = None) -> PetStats:
-    """SUVmax, SUVmean, SUVpeak, MTV and TLG of one region placed on the PET grid."""
+    """SUVmax, SUVmean, SUVpeak, volume and TLG of one region placed on the PET grid."""
     n = region.voxel_count
     volume_ml = n * pet.voxel_volume_mm3 / 1000.0
     if n == 0:

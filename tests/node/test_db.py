@@ -663,7 +663,7 @@ def test_results_cli_json_and_tables(database: Database, tmp_path: Path) -> None
     assert out.exit_code == 0 and "quiet_timer" in out.output and "1.2.9.1" in out.output
 
     out = runner.invoke(results_group, ["show", "9.9.9"], obj=settings)
-    assert out.exit_code == 1 and "no study with Study Instance UID 9.9.9" in out.output
+    assert out.exit_code == 1 and "no such study: no study with Study Instance UID 9.9.9" in out.output
 
 
 def test_db_cli_upgrade(db_url: str, tmp_path: Path) -> None:

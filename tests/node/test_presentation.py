@@ -29,3 +29,54 @@ def test_seg_labels_with_brackets_are_shown_not_interpreted() -> None:
     assert "node [red]L2[/] (level [II])" in text
     assert "Level [II] nodes" in text
     assert "/spool/[x]/a.dcm: not DICOM" in text
+
+
+def _result(label: str = "Lesion 1 (Para-aortic mediastinal lymph nodes (station 6))") -> dict:  # type: ignore[type-arg]
+    return {
+        "study_instance_uid": "2.25.145141135922610682435115719206438308342",
+        "suv": {"unit": "g/ml{SUVbw}"},
+        "lesions": [{
+            "lesion_id": f"S{i}", "segment_number": i, "segment_label": label,
+            "measurements": {"suv_max": 10.444, "suv_mean": 10.01, "suv_peak": 9.6, "volume_ml": 3.32,
+                             "tlg": 33.23, "ct_mean_hu": 66.46},
+            "localization": {"site": {"name": "Para-aortic mediastinal lymph nodes (station 6)"}},
+        } for i in (1, 2)],
+        "flags": [],
+    }
+
+
+def _render(result: dict, width: int) -> str:  # type: ignore[type-arg]
+    out = io.StringIO()
+    print_lesion_table(result, Console(file=out, width=width, color_system=None, soft_wrap=False, highlight=False))
+    return out.getvalue()
+
+
+def test_lesions_at_80_columns_are_blocks_with_units_and_nothing_folded() -> None:
+    text = _render(_result(), 80)
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    assert "…" not in text  # nothing abbreviated away
+    assert "S1  site: Para-aortic mediastinal lymph nodes (station 6)" in text
+    assert "segment 1 label: Lesion 1 (Para-aortic mediastinal lymph nodes (station 6))" in text
+    assert "SUVmax 10.44  SUVmean 10.01  SUVpeak 9.60 g/ml{SUVbw}" in text
+    assert "volume 3.32 ml  TLG 33.23 g  CT mean 66.5 HU" in text
+    assert "2 lesions" in text and "label: the sender's SEG segment label" in text
+
+
+def test_lesions_at_200_columns_are_a_table_with_units_in_the_headers() -> None:
+    text = _render(_result(), 200)
+    assert "┃" in text and "…" not in text
+    for unit in ("[g/ml{SUVbw}]", "[ml]", "[g]", "[HU]"):
+        assert unit in text
+    assert "66.5" in text and "MTV [" not in text and "volume" in text
+    assert "site: the location the localizer predicted" in text
+
+
+def test_hu_rounding_and_singular_are_shared() -> None:
+    from node.presentation import fmt_hu, plural
+
+    assert fmt_hu(66.46) == "66.5" and fmt_hu(None) == "—"
+    assert (plural(1, "study", "studies"), plural(2, "study", "studies"), plural(1, "lesion")) == \
+        ("1 study", "2 studies", "1 lesion")
+    one = _result()
+    one["lesions"] = one["lesions"][:1]
+    assert "1 lesion" in _render(one, 200) and "1 lesions" not in _render(one, 200)

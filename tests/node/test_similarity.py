@@ -128,7 +128,7 @@ def test_cli_json(filled: tuple[Database, np.ndarray], monkeypatch: pytest.Monke
     data = json.loads(out.output)
     assert [r["study_uid"] for r in data["results"]] == brute_force(vecs, 3, 3)
     text = CliRunner().invoke(similar, ["9.9.9"], obj=settings)
-    assert text.exit_code == 1 and "no_embedding" in text.output
+    assert text.exit_code == 1 and "no such study" in text.output
 
 
 # ----------------------------------------------------------------- packed search copy
