@@ -128,6 +128,7 @@ def _attach_optional() -> None:
         ("node.cli_results", "results"),
         ("node.cli_db", "db"),
         ("node.cli_exports", "exports"),
+        ("node.cli_analyses", "analyses"),
         ("node.cli_echo", "echo_command"),
         ("node.cli_library", "library"),
         ("node.cli_localize", "localize"),
