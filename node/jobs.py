@@ -147,7 +147,10 @@ def _analyse_claimed(
         study_encoder=_study_encoder(ctx),
     )
     result = analyse_study(paths, options)
-    if lease.lost.is_set():
+    # A worker that lost its lease writes nothing (best effort here; the store itself is fenced).
+    with ctx.db.session(readonly=True) as s:
+        held = not lease.lost.is_set() and repo.holds_lease(s, study_version_id, owner)
+    if not held:
         raise repo.LeaseLost(f"study version {study_version_id}: lease reclaimed during the analysis")
 
     report = None
