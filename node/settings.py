@@ -315,6 +315,7 @@ class AnalysisSettings(_Section):
     # A worker holds a claimed analysis for lease_s and renews it every lease_renew_s while
     # it works; a lease left to expire (the worker died) is reclaimed by the sweeper and the
     # version enqueued again. The database, not the broker, guarantees the analysis ends.
+    # Hosts' clocks (workers, sweeper) must agree to well within lease_s (NTP).
     lease_s: float = Field(default=300.0, gt=0)
     lease_renew_s: float = Field(default=60.0, gt=0)
     # Claims allowed per study version before an expired lease (or a transient error) ends
