@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "results": ("node.cli_results:results", "Studies, lesions and reports in the results database."),
     "db": ("node.cli_db:db", "Results database maintenance."),
     "exports": ("node.cli_exports:exports", "Report exports to the PACS (C-STORE)."),
+    "analyses": ("node.cli_analyses:analyses", "Analyses of study versions: state, attempts, lease, reason; re-run them."),
     "echo": ("node.cli_echo:echo_command", "Send a C-ECHO to TARGET, given as AE@host:port."),
     "library": ("node.cli_library:library", "Anatomy knowledge base: coded sites, hierarchy, HCL-AL crosswalk."),
     "localize": ("node.cli_localize:localize",
@@ -149,7 +150,7 @@ def main(ctx: click.Context, config: Path | None, log_level: str | None, json_lo
 
 
 # Commands whose output is for people at a terminal: keep INFO logs out of the way.
-_QUIET = {"analyse", "results", "library", "exports", "echo", "db", "localize", "demo", "train", "review", "dataset",
+_QUIET = {"analyse", "analyses", "results", "library", "exports", "echo", "db", "localize", "demo", "train", "review", "dataset",
           "encode-study"}
 
 

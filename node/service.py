@@ -6,7 +6,8 @@ Threads:
 * the pynetdicom SCP (one thread per association) only stores and indexes;
 * the **sweeper** runs the completion rules every ``sweep_interval_s``, enqueues every
   study version that became ready (exactly once: the version row is created under a
-  unique constraint, and ``pending`` versions left by a crash are found again), and
+  unique constraint, and ``pending`` versions left by a crash are found again),
+  reclaims analyses whose lease expired (a dead worker) and enqueues them again, and
   rings the export queue for exports that are due (the safety net behind the
   per-export countdown messages);
 * the **worker** (unless disabled) consumes the ``gpu`` and ``io`` queues with a
@@ -62,6 +63,7 @@ def sweep_once(ctx: WorkerContext, *, ring_exports: bool = True) -> list[int]:
         with ctx.db.session() as s:
             repo.mark_queued(s, to_queue, utcnow())
     requeue_stale(ctx, now)
+    reclaim_expired(ctx, utcnow())
     if ring_exports:
         app.send_task(EXPORT_TASK, queue=IO_QUEUE)
     return to_queue
@@ -89,6 +91,28 @@ def requeue_stale(ctx: WorkerContext, now: datetime.datetime) -> list[int]:
     log.warning("re-enqueued %d study version(s) queued for over %.0f s: %s",
                 len(stale), ctx.settings.completion.requeue_stale_s, stale)
     return stale
+
+
+def reclaim_expired(ctx: WorkerContext, now: datetime.datetime) -> list[int]:
+    """Take back the analyses whose lease expired (their worker died) and enqueue them again.
+
+    This, not the broker, guarantees that a claimed analysis ends: kombu's SQLAlchemy
+    transport never returns a message fetched by a killed worker, Redis returns it only
+    after ``broker.visibility_timeout_s``. Each reclaim is audited ``lease_expired``; after
+    ``analysis.max_attempts`` claims the version fails with ``attempts_exhausted``.
+    Returns the versions enqueued again.
+    """
+    from node.tasks.celery_app import app
+
+    with ctx.db.session() as s:
+        reclaimed = repo.reclaim_expired_leases(s, now, max_attempts=ctx.settings.analysis.max_attempts)
+    requeued = [r.study_version_id for r in reclaimed if r.requeued]
+    for r in reclaimed:
+        log.warning("analysis lease expired: study_uid=%s version=%d attempt=%d -> %s", r.study_uid, r.version,
+                    r.attempts, "queued again" if r.requeued else "failed (attempts exhausted)")  # fmt: skip
+    for vid in requeued:
+        app.send_task(ANALYSE_TASK, args=(vid,), queue=GPU_QUEUE)
+    return requeued
 
 
 @dataclass

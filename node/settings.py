@@ -201,8 +201,9 @@ class BrokerSettings(_Section):
     # backend: tasks persist their outcome in the results database themselves.
     result_backend: str | None = None
     # Redis: a task taken by a worker that then died (no acknowledgement) is handed to
-    # another worker after this long. Must exceed the longest analysis, or a running
-    # analysis is started a second time (harmless, the task is idempotent, but wasted).
+    # another worker after this long. Recovery does not wait for it: the analysis lease
+    # (analysis.lease_s) is reclaimed sooner; a late redelivery finds the lease held, or
+    # the version done, and does nothing.
     visibility_timeout_s: float = Field(default=3600.0, gt=0)
     # Redis: prefix for every key kombu uses, so several nodes (or test runs) can share
     # one Redis database without seeing each other's queues. "" = kombu's own names.
@@ -316,7 +317,7 @@ class ModelsSettings(_Section):
 
 
 class AnalysisSettings(_Section):
-    """How lesions are defined from a SEG."""
+    """How lesions are defined from a SEG, and how a worker holds a claimed analysis."""
 
     # "segments": one lesion per SEG segment; "components": each segment split into
     # connected components (autoPET-style single "tumor" segment; dicom-guide.md §4).
@@ -336,6 +337,21 @@ class AnalysisSettings(_Section):
         if not re.fullmatch(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))*", root):
             raise ValueError(f"analysis.uid_root {v!r} is not a UID root (digits and dots, no leading zeros)")
         return root
+    # A worker holds a claimed analysis for lease_s and renews it every lease_renew_s while
+    # it works; a lease left to expire (the worker died) is reclaimed by the sweeper and the
+    # version enqueued again. The database, not the broker, guarantees the analysis ends.
+    # Hosts' clocks (workers, sweeper) must agree to well within lease_s (NTP).
+    lease_s: float = Field(default=300.0, gt=0)
+    lease_renew_s: float = Field(default=60.0, gt=0)
+    # Claims allowed per study version before an expired lease (or a transient error) ends
+    # it `failed` with reason `attempts_exhausted`; `locus analyses requeue` grants a new round.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> AnalysisSettings:
+        if self.lease_renew_s * 2 > self.lease_s:
+            raise ValueError("analysis.lease_renew_s must be at most half of analysis.lease_s")
+        return self
 
 
 class LocusSettings(BaseSettings):

@@ -3,14 +3,17 @@ inputs of a version; previous reports (predecessors); study embeddings."""
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
+import uuid
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db import embedding_packs
@@ -66,45 +69,70 @@ class StoredAnalysis:
     lesion_count: int
 
 
-def claim_analysis(session: Session, study_version_id: int, now: datetime) -> bool:
-    """Start (or resume) the analysis of a study version; False when there is nothing to do.
+DEFAULT_LEASE_S = 300.0  # the default of analysis.lease_s
+ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 
-    True for a pending/queued version (it becomes ``analysing``) and for one already
-    ``analysing`` (a redelivered task after a worker died: ``attempts`` counts up).
-    False once it is analysed, failed, exported or superseded.
+
+class LeaseLost(RuntimeError):
+    """The analysis lease is no longer this worker's: the sweeper reclaimed it after it
+    expired (and another worker may hold it now), or the version was finished or requeued.
+    The worker must not store anything (fencing)."""
+
+
+def new_lease_owner() -> str:
+    """A lease token unique to one claim: host, process and a random part (no paths)."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
+
+
+def _lease_until(now: datetime, lease_s: float) -> datetime:
+    if lease_s <= 0:
+        raise ValueError("lease_s must be positive")
+    return now + timedelta(seconds=lease_s)
+
+
+def claim_analysis(
+    session: Session,
+    study_version_id: int,
+    now: datetime,
+    *,
+    owner: str | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
+) -> str | None:
+    """Start the analysis of a pending/queued version; returns the lease token, or None.
+
+    The claim moves the version to ``analysing``, counts an attempt and gives the caller a
+    lease until ``now + lease_s`` (``owner``, a fresh :func:`new_lease_owner` if None).
+    None (nothing to do) once the version is ``analysing`` under someone's lease, analysed,
+    failed, exported or superseded: a redelivered or duplicate message must not start a
+    second analysis while the first worker still renews its lease.  A worker that died
+    stops renewing; :func:`reclaim_expired_leases` then puts the version back to
+    ``queued`` and the next message claims it here.
     """
     check_now(now)
+    token = owner or new_lease_owner()
+    until = _lease_until(now, lease_s)
     started = session.execute(
         update(StudyVersion)
         .where(StudyVersion.id == study_version_id, StudyVersion.state.in_(REPLACEABLE))
         .values(state=VersionState.ANALYSING.value)
     )
+    if started.rowcount != 1:  # type: ignore[attr-defined]
+        return None
     version, study = version_and_study(session, study_version_id)
-    if started.rowcount == 1:  # type: ignore[attr-defined]
-        analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one_or_none()
-        if analysis is None:
-            analysis = Analysis(study_version_id=study_version_id, attempts=0)
-            session.add(analysis)
-        # A version put back by requeue_failed keeps its row: one analysis per version.
-        analysis.status = AnalysisStatus.RUNNING.value
-        analysis.attempts += 1
-        analysis.started_at = now
-        analysis.finished_at = None
-        analysis.reason_code = None
-        analysis.reason_text = None
-        analysis.result = None
-        attempt = analysis.attempts
-    elif version.state == VersionState.ANALYSING.value:
-        session.execute(
-            update(Analysis)
-            .where(Analysis.study_version_id == study_version_id)
-            .values(attempts=Analysis.attempts + 1, started_at=now)
-        )
-        attempt = int(
-            session.scalar(select(Analysis.attempts).where(Analysis.study_version_id == study_version_id)) or 0
-        )
-    else:
-        return False
+    analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one_or_none()
+    if analysis is None:
+        analysis = Analysis(study_version_id=study_version_id, attempts=0)
+        session.add(analysis)
+    # A version put back by a reclaim or an operator requeue keeps its row: one analysis per version.
+    analysis.status = AnalysisStatus.RUNNING.value
+    analysis.attempts = (analysis.attempts or 0) + 1
+    analysis.started_at = now
+    analysis.finished_at = None
+    analysis.reason_code = None
+    analysis.reason_text = None
+    analysis.result = None
+    analysis.lease_owner = token
+    analysis.lease_expires_at = until
     session.flush()
     sync_study_status(session, study.id)
     add_audit(
@@ -112,9 +140,180 @@ def claim_analysis(session: Session, study_version_id: int, now: datetime) -> bo
         AuditKind.STARTED,
         now,
         study_uid=study.study_uid,
-        detail={"version": version.version, "attempt": attempt},
+        detail={"version": version.version, "attempt": analysis.attempts},
     )
+    return token
+
+
+def renew_lease(session: Session, study_version_id: int, owner: str, now: datetime, lease_s: float) -> bool:
+    """Extend the caller's lease to ``now + lease_s``; False when it is not the caller's any more.
+
+    One conditional UPDATE: it races safely with :func:`reclaim_expired_leases` (whichever
+    commits first wins; the loser's condition no longer matches).
+    """
+    check_now(now)
+    result = session.execute(
+        update(Analysis)
+        .where(
+            Analysis.study_version_id == study_version_id,
+            Analysis.lease_owner == owner,
+            Analysis.status == AnalysisStatus.RUNNING.value,
+        )
+        .values(lease_expires_at=_lease_until(now, lease_s))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def holds_lease(session: Session, study_version_id: int, owner: str) -> bool:
+    """Whether ``owner`` still holds the running analysis of this version."""
+    return (
+        session.scalar(
+            select(Analysis.id).where(
+                Analysis.study_version_id == study_version_id,
+                Analysis.lease_owner == owner,
+                Analysis.status == AnalysisStatus.RUNNING.value,
+            )
+        )
+        is not None
+    )
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """A lease taken back from a worker: the version is ``queued`` again, or ``failed``."""
+
+    study_version_id: int
+    study_uid: str
+    version: int
+    attempts: int
+    requeued: bool  # False: attempts exhausted, the version failed
+
+
+def _requeue_or_exhaust(
+    session: Session,
+    analysis: Analysis,
+    version: StudyVersion,
+    study: Study,
+    now: datetime,
+    *,
+    max_attempts: int,
+    why: str,
+) -> bool:
+    """Put a version whose lease was given up back to ``queued``, or fail it once its
+    attempts reach ``max_attempts``.  True when requeued."""
+    analysis.lease_owner = None
+    analysis.lease_expires_at = None
+    if analysis.attempts >= max_attempts:
+        _record_failure(
+            session, analysis, version, study, now, ATTEMPTS_EXHAUSTED,
+            f"{why}; gave up after {analysis.attempts} attempt(s) (analysis.max_attempts = {max_attempts})",
+        )  # fmt: skip
+        return False
+    version.state = VersionState.QUEUED.value
+    version.queued_at = now
+    session.flush()
+    sync_study_status(session, study.id)
     return True
+
+
+def reclaim_expired_leases(session: Session, now: datetime, *, max_attempts: int) -> list[Reclaimed]:
+    """Take back every analysis whose lease expired (its worker died), oldest first.
+
+    Each is audited ``lease_expired`` (attempt, holder) and put back to ``queued`` for a
+    new message, or, after ``max_attempts`` claims, failed with ``attempts_exhausted``.
+    A ``running`` analysis without a lease (written before leases existed) counts as
+    expired.  Guarded by a conditional UPDATE on the holder and the expiry, so a lease
+    renewed meanwhile, or reclaimed by another sweeper, is left alone.
+    """
+    check_now(now)
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be >= 1")
+    expired = or_(Analysis.lease_expires_at < now, Analysis.lease_expires_at.is_(None))
+    rows = session.execute(
+        select(Analysis.id, Analysis.study_version_id, Analysis.lease_owner, Analysis.lease_expires_at)
+        .join(StudyVersion, StudyVersion.id == Analysis.study_version_id)
+        .where(
+            Analysis.status == AnalysisStatus.RUNNING.value,
+            StudyVersion.state == VersionState.ANALYSING.value,
+            expired,
+        )
+        .order_by(Analysis.id)
+    ).all()
+    reclaimed: list[Reclaimed] = []
+    for analysis_id, vid, owner, expires_at in rows:
+        taken = session.execute(
+            update(Analysis)
+            .where(
+                Analysis.id == analysis_id,
+                Analysis.status == AnalysisStatus.RUNNING.value,
+                Analysis.lease_owner.is_(None) if owner is None else Analysis.lease_owner == owner,
+                expired,
+            )
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        version, study = version_and_study(session, vid)
+        analysis = session.scalars(
+            select(Analysis).where(Analysis.id == analysis_id).execution_options(populate_existing=True)
+        ).one()
+        add_audit(
+            session,
+            AuditKind.LEASE_EXPIRED,
+            now,
+            study_uid=study.study_uid,
+            detail={
+                "version": version.version,
+                "attempt": analysis.attempts,
+                "holder": owner,
+                "expired_at": expires_at.isoformat() if expires_at is not None else None,
+            },
+        )
+        requeued = _requeue_or_exhaust(
+            session, analysis, version, study, now, max_attempts=max_attempts,
+            why=f"the worker stopped renewing its lease (attempt {analysis.attempts})",
+        )  # fmt: skip
+        if requeued:
+            add_audit(
+                session,
+                AuditKind.REQUEUED,
+                now,
+                study_uid=study.study_uid,
+                detail={"version": version.version, "reason": "lease_expired", "attempts": analysis.attempts},
+            )
+        reclaimed.append(Reclaimed(vid, study.study_uid, version.version, analysis.attempts, requeued))
+    return reclaimed
+
+
+def release_analysis(
+    session: Session, study_version_id: int, owner: str, code: str, reason: str, now: datetime, *, max_attempts: int
+) -> bool | None:
+    """The holder gives its lease back after a transient error: the version is ``queued``
+    again (True) or, its attempts spent, ``failed`` with ``attempts_exhausted`` (False).
+    None, changing nothing, when the caller no longer holds the lease."""
+    check_now(now)
+    version, study = version_and_study(session, study_version_id)
+    analysis = session.scalars(
+        select(Analysis).where(
+            Analysis.study_version_id == study_version_id,
+            Analysis.lease_owner == owner,
+            Analysis.status == AnalysisStatus.RUNNING.value,
+        )
+    ).one_or_none()
+    if analysis is None or version.state != VersionState.ANALYSING.value:
+        return None
+    requeued = _requeue_or_exhaust(
+        session, analysis, version, study, now, max_attempts=max_attempts, why=f"{code}: {reason}"
+    )
+    if requeued:
+        add_audit(
+            session,
+            AuditKind.REQUEUED,
+            now,
+            study_uid=study.study_uid,
+            detail={"version": version.version, "reason": code, "detail": reason, "attempts": analysis.attempts},
+        )
+    return requeued
 
 
 def _lesion_values(analysis_id: int, lesion: Mapping[str, Any], suv_unit: str | None) -> dict[str, Any]:
@@ -166,6 +365,7 @@ def store_analysis_result(
     now: datetime,
     *,
     timings: dict[str, float] | None = None,
+    lease_owner: str | None = None,
 ) -> StoredAnalysis:
     """Persist a finished analysis: findings, lesion rows and the SR it produced.
 
@@ -174,12 +374,33 @@ def store_analysis_result(
     (``path`` relative to the reports directory; ``predecessor`` the SOP Instance UID of
     the SR it replaces, or None).  Idempotent: storing again for an analysed version
     replaces the lesions and keeps the report of the same SOP Instance UID.
+
+    With ``lease_owner`` (every worker passes its claim's token) the store is fenced: it
+    raises :class:`LeaseLost`, storing nothing, unless the caller still holds the lease
+    of the running analysis.  The check is a conditional UPDATE in this transaction, so
+    a reclaim by the sweeper and this store cannot both succeed.
     """
     check_now(now)
     version, study = version_and_study(session, study_version_id)
+    if lease_owner is not None:
+        fenced = session.execute(
+            update(Analysis)
+            .where(
+                Analysis.study_version_id == study_version_id,
+                Analysis.lease_owner == lease_owner,
+                Analysis.status == AnalysisStatus.RUNNING.value,
+            )
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        if fenced.rowcount != 1 or version.state != VersionState.ANALYSING.value:  # type: ignore[attr-defined]
+            raise LeaseLost(f"study version {study_version_id}: the analysis lease is no longer held by this worker")
     if version.state not in (VersionState.ANALYSING.value, VersionState.ANALYSED.value, VersionState.EXPORTED.value):
         raise ValueError(f"study version {study_version_id} is {version.state}, not analysing: claim it first")
-    analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one()
+    analysis = session.scalars(
+        select(Analysis).where(Analysis.study_version_id == study_version_id).execution_options(populate_existing=True)
+    ).one()
+    analysis.lease_owner = None
+    analysis.lease_expires_at = None
     analysis.status = AnalysisStatus.SUCCEEDED.value
     analysis.result = result_json
     analysis.timings = timings if timings is not None else result_json.get("timings_s")
@@ -236,24 +457,15 @@ def store_analysis_result(
     return StoredAnalysis(analysis_id=analysis.id, report_id=report_id, lesion_count=len(rows))
 
 
-def fail_analysis(session: Session, study_version_id: int, code: str, reason: str, now: datetime) -> bool:
-    """Record that the analysis of a version failed (``code``: ``LocusError.code``).
-
-    Returns False, changing nothing, when the version is already analysed, exported or
-    superseded (a late error from a duplicate task must not undo a stored result).
-    """
-    check_now(now)
-    version, study = version_and_study(session, study_version_id)
-    if version.state not in (*REPLACEABLE, VersionState.ANALYSING.value, VersionState.FAILED.value):
-        return False
-    analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one_or_none()
-    if analysis is None:  # failed before it could be claimed (e.g. inputs vanished)
-        analysis = Analysis(study_version_id=study_version_id, started_at=now, attempts=1)
-        session.add(analysis)
+def _record_failure(
+    session: Session, analysis: Analysis, version: StudyVersion, study: Study, now: datetime, code: str, reason: str
+) -> None:
     analysis.status = AnalysisStatus.FAILED.value
     analysis.reason_code = code
     analysis.reason_text = reason
     analysis.finished_at = now
+    analysis.lease_owner = None
+    analysis.lease_expires_at = None
     version.state = VersionState.FAILED.value
     session.flush()
     sync_study_status(session, study.id)
@@ -262,8 +474,36 @@ def fail_analysis(session: Session, study_version_id: int, code: str, reason: st
         AuditKind.FAILED,
         now,
         study_uid=study.study_uid,
-        detail={"version": version.version, "code": code, "reason": reason},
+        detail={"version": version.version, "code": code, "reason": reason, "attempts": analysis.attempts},
     )
+
+
+def fail_analysis(
+    session: Session, study_version_id: int, code: str, reason: str, now: datetime, *, lease_owner: str | None = None
+) -> bool:
+    """Record that the analysis of a version failed (``code``: ``LocusError.code``).
+
+    Returns False, changing nothing, when the version is already analysed, exported or
+    superseded (a late error from a duplicate task must not undo a stored result), and,
+    with ``lease_owner`` (a worker's claim token), when that worker no longer holds the
+    lease: the version was reclaimed and belongs to another attempt now.
+    """
+    check_now(now)
+    version, study = version_and_study(session, study_version_id)
+    if version.state not in (*REPLACEABLE, VersionState.ANALYSING.value, VersionState.FAILED.value):
+        return False
+    analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one_or_none()
+    if lease_owner is not None and (
+        analysis is None
+        or analysis.lease_owner != lease_owner
+        or analysis.status != AnalysisStatus.RUNNING.value
+        or version.state != VersionState.ANALYSING.value
+    ):
+        return False
+    if analysis is None:  # failed before it could be claimed (e.g. inputs vanished)
+        analysis = Analysis(study_version_id=study_version_id, started_at=now, attempts=1)
+        session.add(analysis)
+    _record_failure(session, analysis, version, study, now, code, reason)
     return True
 
 
@@ -271,7 +511,9 @@ def requeue_failed(session: Session, study_version_id: int, now: datetime) -> bo
     """Put a failed version back to ``pending`` for another analysis (operator re-run).
 
     Only the latest version of a study can be re-run (an older one would produce a
-    report that a newer version already replaced).  Enqueue it afterwards as usual.
+    report that a newer version already replaced).  Enqueue it afterwards as usual (the
+    sweeper does: ``versions_to_enqueue``).  The operator grants a new round of
+    ``analysis.max_attempts`` claims: ``attempts`` restarts (the audit row keeps the old count).
     """
     check_now(now)
     version, study = version_and_study(session, study_version_id)
@@ -284,9 +526,129 @@ def requeue_failed(session: Session, study_version_id: int, now: datetime) -> bo
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one_or_none()
+    previous = analysis.attempts if analysis is not None else 0
+    if analysis is not None:
+        analysis.attempts = 0
+    session.flush()
     sync_study_status(session, study.id)
-    add_audit(session, AuditKind.REQUEUED, now, study_uid=study.study_uid, detail={"version": version.version})
+    add_audit(session, AuditKind.REQUEUED, now, study_uid=study.study_uid,
+              detail={"version": version.version, "reason": "operator", "previous_attempts": previous})  # fmt: skip
     return True
+
+
+def stranded_versions(session: Session, now: datetime) -> list[int]:
+    """Versions ``analysing`` that no worker will finish: the analysis is ``running`` with
+    an expired (or no) lease, or there is no analysis row at all.  The sweeper reclaims the
+    first kind by itself; ``locus analyses requeue --stranded`` puts both back at once."""
+    check_now(now)
+    no_row = (
+        select(StudyVersion.id)
+        .outerjoin(Analysis, Analysis.study_version_id == StudyVersion.id)
+        .where(StudyVersion.state == VersionState.ANALYSING.value, Analysis.id.is_(None))
+    )
+    expired = (
+        select(StudyVersion.id)
+        .join(Analysis, Analysis.study_version_id == StudyVersion.id)
+        .where(
+            StudyVersion.state == VersionState.ANALYSING.value,
+            or_(
+                Analysis.status != AnalysisStatus.RUNNING.value,
+                Analysis.lease_expires_at < now,
+                Analysis.lease_expires_at.is_(None),
+            ),
+        )
+    )
+    return sorted({*session.scalars(no_row), *session.scalars(expired)})
+
+
+def requeue_stranded(session: Session, study_version_id: int, now: datetime) -> bool:
+    """Put a stranded version (see :func:`stranded_versions`) back to ``pending`` for a new
+    analysis, with a new round of attempts; False, changing nothing, if it is not stranded
+    (e.g. a worker renewed its lease meanwhile).  Audited ``requeued``, reason ``stranded``."""
+    check_now(now)
+    if study_version_id not in stranded_versions(session, now):
+        return False
+    version, study = version_and_study(session, study_version_id)
+    analysis = session.scalars(select(Analysis).where(Analysis.study_version_id == study_version_id)).one_or_none()
+    previous = analysis.attempts if analysis is not None else 0
+    if analysis is not None:
+        guard = session.execute(
+            update(Analysis)
+            .where(
+                Analysis.id == analysis.id,
+                or_(
+                    Analysis.status != AnalysisStatus.RUNNING.value,
+                    Analysis.lease_expires_at < now,
+                    Analysis.lease_expires_at.is_(None),
+                ),
+            )
+            .values(lease_owner=None, lease_expires_at=None, attempts=0)
+        )
+        if guard.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+    moved = session.execute(
+        update(StudyVersion)
+        .where(StudyVersion.id == study_version_id, StudyVersion.state == VersionState.ANALYSING.value)
+        .values(state=VersionState.PENDING.value, queued_at=None)
+    )
+    if moved.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    sync_study_status(session, study.id)
+    add_audit(session, AuditKind.REQUEUED, now, study_uid=study.study_uid,
+              detail={"version": version.version, "reason": "stranded", "previous_attempts": previous})  # fmt: skip
+    return True
+
+
+@dataclass(frozen=True)
+class AnalysisRow:
+    """One line of ``locus analyses list``: a study version and its analysis (if any)."""
+
+    study_version_id: int
+    study_uid: str
+    version: int
+    state: str  # the version's state
+    status: str | None  # the analysis row's status
+    attempts: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    reason_code: str | None
+    reason_text: str | None
+    stranded: bool
+
+
+def list_analyses(session: Session, now: datetime, *, state: str | None = None, limit: int = 100) -> list[AnalysisRow]:
+    """Study versions with their analysis, newest first; ``state`` a version state or
+    ``stranded`` (see :func:`stranded_versions`)."""
+    check_now(now)
+    stranded = set(stranded_versions(session, now))
+    query = (
+        select(StudyVersion, Study.study_uid, Analysis)
+        .join(Study, Study.id == StudyVersion.study_id)
+        .outerjoin(Analysis, Analysis.study_version_id == StudyVersion.id)
+        .order_by(StudyVersion.id.desc())
+        .limit(limit)
+    )
+    if state == "stranded":
+        query = query.where(StudyVersion.id.in_(sorted(stranded) or [-1]))
+    elif state is not None:
+        query = query.where(StudyVersion.state == state)
+    return [
+        AnalysisRow(
+            study_version_id=v.id,
+            study_uid=uid,
+            version=v.version,
+            state=v.state,
+            status=a.status if a is not None else None,
+            attempts=a.attempts if a is not None else 0,
+            lease_owner=a.lease_owner if a is not None else None,
+            lease_expires_at=a.lease_expires_at if a is not None else None,
+            reason_code=a.reason_code if a is not None else None,
+            reason_text=a.reason_text if a is not None else None,
+            stranded=v.id in stranded,
+        )
+        for v, uid, a in session.execute(query)
+    ]
 
 
 def instances_for_version(session: Session, study_version_id: int) -> list[VersionInstance]:

@@ -104,6 +104,7 @@ class AuditKind(enum.StrEnum):
     ANALYSED = "analysed"
     FAILED = "failed"
     REQUEUED = "requeued"
+    LEASE_EXPIRED = "lease_expired"  # a worker stopped renewing its analysis lease (died)
     EXPORT_QUEUED = "export_queued"
     EXPORTED = "exported"
     EXPORT_FAILED = "export_failed"
@@ -220,6 +221,10 @@ class Analysis(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+    # The worker holding the analysis while it runs (migration 0004): it renews the lease,
+    # the sweeper reclaims it once expired, and only the holder may store a result (fencing).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class Lesion(Base):

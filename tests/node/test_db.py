@@ -354,11 +354,11 @@ def test_claim_is_idempotent_and_store_completes(database: Database) -> None:
         assert repo.versions_to_enqueue(s) == []
     with database.session() as s:
         assert repo.claim_analysis(s, vid, T0 + timedelta(minutes=3))
-    with database.session() as s:  # redelivered task after a worker crash resumes
-        assert repo.claim_analysis(s, vid, T0 + timedelta(minutes=4))
+    with database.session() as s:  # a redelivered/duplicate task while the lease is held does nothing
+        assert not repo.claim_analysis(s, vid, T0 + timedelta(minutes=4))
     with database.session() as s:
         analysis = s.scalars(select(Analysis)).one()
-        assert (analysis.status, analysis.attempts) == ("running", 2)
+        assert (analysis.status, analysis.attempts) == ("running", 1)
         assert s.scalars(select(Study.status)).one() == "analysing"
 
     result = analysis_result(2).to_json()
@@ -393,7 +393,7 @@ def test_claim_is_idempotent_and_store_completes(database: Database) -> None:
     assert again.report_id == stored.report_id
     with database.session() as s:
         assert s.scalar(select(func.count(Lesion.id))) == 1
-    assert audit_kinds(database)[-6:] == ["complete", "queued", "started", "started", "analysed", "analysed"]
+    assert audit_kinds(database)[-5:] == ["complete", "queued", "started", "analysed", "analysed"]
 
 
 def test_lesion_rows_follow_the_findings_contract(database: Database) -> None:
@@ -433,7 +433,8 @@ def test_fail_analysis_records_reason(database: Database) -> None:
             repo.store_analysis_result(s, vid, {}, [], None, T0 + timedelta(minutes=6))
     with database.session() as s:
         event = s.scalars(select(AuditEvent).where(AuditEvent.kind == "failed")).one()
-        assert event.detail == {"version": 1, "code": "geometry_error", "reason": "PET slices are not equally spaced"}
+        assert event.detail == {"version": 1, "code": "geometry_error", "reason": "PET slices are not equally spaced",
+                                "attempts": 1}
 
 
 def test_failed_version_can_be_rerun_and_a_late_failure_does_not_undo_a_result(database: Database) -> None:
@@ -448,7 +449,8 @@ def test_failed_version_can_be_rerun_and_a_late_failure_does_not_undo_a_result(d
         assert repo.claim_analysis(s, vid, T0 + timedelta(minutes=6))
     with database.session() as s:
         analysis = s.scalars(select(Analysis)).one()  # still one analysis per version
-        assert (analysis.status, analysis.attempts, analysis.reason_code) == ("running", 2, None)
+        # The operator's requeue granted a new round of attempts (the audit keeps the old count).
+        assert (analysis.status, analysis.attempts, analysis.reason_code) == ("running", 1, None)
     result = analysis_result(1).to_json()
     with database.session() as s:
         repo.store_analysis_result(s, vid, result, result["lesions"], None, T0 + timedelta(minutes=7))

@@ -314,7 +314,7 @@ def test_store_policy_settings_take_effect(tmp_path: Path, monkeypatch: pytest.M
 # ------------------------------------------------------------------ migration
 
 
-def test_migration_0004_keeps_existing_rows_received_and_uncounted(db_url: str) -> None:
+def test_migration_0005_keeps_existing_rows_received_and_uncounted(db_url: str) -> None:
     from sqlalchemy import text
 
     db = Database(db_url)

@@ -6,8 +6,8 @@ instances are stored and indexed but never make a study version nor count toward
 completeness (node.completion). ``studies.duplicate_count``: how many times a SOP
 Instance UID of the study arrived again with different content (dicom.duplicate_policy).
 
-Revision ID: 0004_own_instances
-Revises: 0003
+Revision ID: 0005_own_instances
+Revises: 0004_analysis_leases
 Create Date: 2026-12-07
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_own_instances"
-down_revision: str | None = "0003"
+revision: str = "0005_own_instances"
+down_revision: str | None = "0004_analysis_leases"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
