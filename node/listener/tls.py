@@ -109,7 +109,12 @@ class TlsAcceptor:
         if isinstance(exc, _QUIET_ERRORS) or getattr(exc, "errno", None) in (errno.ECONNRESET, errno.EPIPE):
             LOGGER.info("TLS connection from %s closed before its handshake completed: %s", peer_host, exc)
             return
-        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+        verify = getattr(exc, "verify_message", None)  # e.g. "certificate has expired"
+        code = getattr(exc, "reason", None)  # OpenSSL's, e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE
+        reason = (
+            f"certificate verify failed: {verify}" if verify
+            else code.lower().replace("_", " ") if isinstance(code, str) else str(exc)
+        )
         LOGGER.warning("TLS handshake from %s failed: %s", peer_host, reason)
         if self.on_failure is not None:
             try:
