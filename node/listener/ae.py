@@ -34,6 +34,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.listener.commitment import STORAGE_COMMITMENT_PUSH_MODEL
+
 LOGGER = logging.getLogger(__name__)
 
 #: Uncompressed first: when a sender proposes several, pynetdicom takes the sender's
@@ -288,4 +290,6 @@ def build_ae(
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, syntaxes)
     ae.add_supported_context(Verification, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+    # Storage Commitment Push Model SCP (PS3.4 Annex J; node.listener.commitment).
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, [_uid.ExplicitVRLittleEndian, _uid.ImplicitVRLittleEndian])
     return ae

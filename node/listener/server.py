@@ -29,6 +29,7 @@ from node.listener.ae import (
     build_ae,
     make_request_handler,
 )
+from node.listener.commitment import handle_n_action
 from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle_store
 from node.listener.index_writer import IndexWriter
 from node.listener.processes import resolve_listener_processes
@@ -293,6 +294,7 @@ def start_listener(
         )),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_N_ACTION, handle_n_action, [ctx]),  # Storage Commitment (node.listener.commitment)
     ]
     plain: _LocusServer | None = None
     tls_server: _LocusServer | None = None

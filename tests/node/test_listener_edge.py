@@ -233,3 +233,83 @@ def test_command_uid_longer_than_64_characters_answers_c213(
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
     assert not any(spool.root.rglob("*.dcm"))
+
+
+# ------------------------------------------------------------------ storage commitment (PS3.4 Annex J)
+
+
+def _commit(port: int, references: list[tuple[str, str]], *, transaction: str) -> tuple[Any, list[Any]]:
+    """N-ACTION Request Storage Commitment; returns the N-ACTION status and the reports."""
+    from pydicom.dataset import Dataset as Ds
+
+    from node.listener.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+
+    reports: list[Any] = []
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.append((event.request.EventTypeID, event.event_information))
+        return 0x0000, None
+
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LOCUS",
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    info = Ds()
+    info.TransactionUID = transaction
+    items = []
+    for sop_class, sop_uid in references:
+        item = Ds()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_uid
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    status, _ = assoc.send_n_action(info, 1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE)
+    if status.Status == 0x0000:
+        wait_until(lambda: reports, "the storage commitment N-EVENT-REPORT")
+    assoc.release()
+    return status, reports
+
+
+@pytest.mark.parametrize("event_driven", [True, False])
+def test_storage_commitment_reports_committed_and_failed_instances(
+    db: Database, spool: LocalSpool, data_dir: Path, event_driven: bool
+) -> None:
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(data_dir / CT_FILE)
+    with _start(db, spool, event_driven=event_driven) as listener:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="LOCUS")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        stored = (CTImageStorage, str(ds.SOPInstanceUID))
+        # All committed: Event Type 1, every instance in Referenced SOP Sequence.
+        transaction = generate_uid()
+        status, reports = _commit(listener.port, [stored], transaction=transaction)
+        assert status.Status == 0x0000
+        ((event_type, info),) = reports
+        assert event_type == 1 and info.TransactionUID == transaction
+        assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in info.ReferencedSOPSequence] == [stored]
+        assert "FailedSOPSequence" not in info
+        # Some failed: never received, SOP class conflict.
+        unknown = (CTImageStorage, generate_uid())
+        conflict = ("1.2.840.10008.5.1.4.1.1.128", str(ds.SOPInstanceUID))
+        status, reports = _commit(listener.port, [stored, unknown, conflict], transaction=generate_uid())
+        ((event_type, info),) = reports
+        assert event_type == 2
+        assert [r.ReferencedSOPInstanceUID for r in info.ReferencedSOPSequence] == [stored[1]]
+        assert [(r.ReferencedSOPInstanceUID, r.FailureReason) for r in info.FailedSOPSequence] == [
+            (unknown[1], 0x0112), (conflict[1], 0x0119),
+        ]
+        # A request without Transaction UID is refused (missing attribute), no report.
+        status, reports = _commit(listener.port, [stored], transaction="")
+        assert status.Status == 0x0120 and reports == []
+        # Indexed but no longer in the spool: not committed (processing failure).
+        for path in spool.root.rglob("*.dcm"):
+            path.unlink()
+        _, reports = _commit(listener.port, [stored], transaction=generate_uid())
+        ((event_type, info),) = reports
+        assert event_type == 2 and [r.FailureReason for r in info.FailedSOPSequence] == [0x0110]
