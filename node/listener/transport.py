@@ -24,6 +24,12 @@ What changes (behaviour, PDUs and the state machine are pynetdicom's, PS3.8 §9.
 * a successful C-STORE response is encoded without pydicom
   (:mod:`node.listener.store_response`).
 
+Always (both loop kinds): the acceptor ends as soon as a connection closes before its
+A-ASSOCIATE-RQ (:class:`node.listener.acceptor.LocusAcceptor`), a C-STORE-RQ whose command
+UIDs pynetdicom cannot read is answered 0xC213 instead of aborting
+(:class:`node.listener.store_response.InvalidCommandAnswers`), and on a TLS port the
+handshake runs on the connection's thread (:mod:`node.listener.tls`).
+
 Installed through pynetdicom's server extension point: ``AE.make_server(...,
 request_handler=LocusRequestHandler)``. The handler lets pynetdicom create and configure
 the association, then swaps in these classes (they add behaviour, not state, so the
