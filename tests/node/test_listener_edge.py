@@ -245,16 +245,21 @@ def _commit(port: int, references: list[tuple[str, str]], *, transaction: str) -
     from node.listener.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
 
     reports: list[Any] = []
+    answered: list[Any] = []
 
     def on_report(event: evt.Event) -> tuple[int, None]:
         reports.append((event.request.EventTypeID, event.event_information))
         return 0x0000, None
 
+    def on_sent(event: evt.Event) -> None:
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered.append(event.message)
+
     ae = AE(ae_title="TESTSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
     assoc = ae.associate("127.0.0.1", port, ae_title="LOCUS",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)])
     assert assoc.is_established
     info = Ds()
     info.TransactionUID = transaction
@@ -267,7 +272,9 @@ def _commit(port: int, references: list[tuple[str, str]], *, transaction: str) -
     info.ReferencedSOPSequence = items
     status, _ = assoc.send_n_action(info, 1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE)
     if status.Status == 0x0000:
-        wait_until(lambda: reports, "the storage commitment N-EVENT-REPORT")
+        # Release only once this SCU has answered the report (its answer is sent by
+        # pynetdicom on another thread after the handler returns).
+        wait_until(lambda: answered, "the storage commitment N-EVENT-REPORT and its answer")
     assoc.release()
     return status, reports
 
