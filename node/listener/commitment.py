@@ -17,8 +17,9 @@ before the report arrives does not get it (it asks again; the request is idempot
 
 Why a thread for the report: pynetdicom runs the N-ACTION handler on the association's
 reactor thread and sends the N-ACTION-RSP only when it returns, so the report is sent
-from a helper thread that waits, through pynetdicom's reactor pause
-(``Association.send_n_event_report``), until the response has gone out.
+from a helper thread, started once that response is queued
+(``ListenerDimse.after_response``, node.listener.store_response), that takes the
+reactor's pause (``Association.send_n_event_report``) to send and await the report.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_NO_SUCH_ACTION = 0x0123
 STATUS_MISSING_ATTRIBUTE = 0x0120
 STATUS_INVALID_ARGUMENT = 0x0115
+STATUS_PROCESSING_FAILURE = 0x0110
 FAILURE_PROCESSING = 0x0110
 FAILURE_NO_SUCH_INSTANCE = 0x0112
 FAILURE_CLASS_INSTANCE_CONFLICT = 0x0119
@@ -155,10 +157,16 @@ def handle_n_action(event: Any, ctx: StoreContext) -> tuple[int, Dataset | None]
         return STATUS_INVALID_ARGUMENT, None
     assoc = event.assoc
     calling = str(assoc.requestor.ae_title).strip()
-    threading.Thread(
+    reporter = threading.Thread(
         target=_report, args=(assoc, ctx, transaction, refs, calling),
         name=f"commitment-{transaction[-12:]}", daemon=True,
-    ).start()
+    )
+    after_response = getattr(assoc.dimse, "after_response", None)
+    if after_response is None:  # not the listener's DIMSE provider (node.listener.transport)
+        LOGGER.warning("storage commitment %s: cannot order the report after the response", transaction)
+        return STATUS_PROCESSING_FAILURE, None
+    # Start reporting only once the N-ACTION-RSP is queued, so the report follows it.
+    after_response(int(request.MessageID), reporter.start)
     return STATUS_SUCCESS, None
 
 

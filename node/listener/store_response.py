@@ -21,6 +21,7 @@ import logging
 import struct
 import threading
 from io import BytesIO
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import UID
@@ -89,7 +90,7 @@ def _valid_length_uid(value: object) -> str | None:
     return text if 0 < len(text) <= 64 else None
 
 
-class InvalidCommandAnswers(DIMSEServiceProvider):
+class ListenerDimse(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider that answers a C-STORE-RQ whose command set it cannot
     turn into a primitive (a UID over 64 characters, PS3.5 §9.1) with 0xC213.
 
@@ -101,7 +102,28 @@ class InvalidCommandAnswers(DIMSEServiceProvider):
     Affected SOP UIDs are sent only when they are valid) and the association goes on.
     Other commands keep pynetdicom's behaviour. ``receive_primitive`` is pynetdicom's
     own, with that one branch added (it runs on the DUL thread).
+
+    It also runs a callback once the response to a given request has been queued
+    (:meth:`after_response`): pynetdicom marks the reactor "paused" while a handler runs,
+    so a thread that sends a new request from a handler (the Storage Commitment report,
+    node.listener.commitment) could otherwise overtake the handler's own response.
     """
+
+    _after: dict[int, Callable[[], None]] | None = None
+
+    def after_response(self, message_id: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` right after the response to request ``message_id`` is queued."""
+        if self._after is None:
+            self._after = {}
+        self._after[message_id] = callback
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        super().send_msg(primitive, context_id)
+        responded = primitive.MessageIDBeingRespondedTo
+        if self._after and responded is not None:
+            callback = self._after.pop(int(responded), None)
+            if callback is not None:
+                callback()
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
@@ -159,7 +181,7 @@ class InvalidCommandAnswers(DIMSEServiceProvider):
         return True
 
 
-class FastStoreResponses(InvalidCommandAnswers):
+class FastStoreResponses(ListenerDimse):
     """pynetdicom's DIMSE provider, sending plain C-STORE successes without pydicom."""
 
     def send_msg(self, primitive: Any, context_id: int) -> None:

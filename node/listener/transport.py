@@ -27,7 +27,7 @@ What changes (behaviour, PDUs and the state machine are pynetdicom's, PS3.8 §9.
 Always (both loop kinds): the acceptor ends as soon as a connection closes before its
 A-ASSOCIATE-RQ (:class:`node.listener.acceptor.LocusAcceptor`), a C-STORE-RQ whose command
 UIDs pynetdicom cannot read is answered 0xC213 instead of aborting
-(:class:`node.listener.store_response.InvalidCommandAnswers`), and on a TLS port the
+(:class:`node.listener.store_response.ListenerDimse`), and on a TLS port the
 handshake runs on the connection's thread (:mod:`node.listener.tls`).
 
 Installed through pynetdicom's server extension point: ``AE.make_server(...,
@@ -294,9 +294,9 @@ class LocusRequestHandler(RequestHandler):
             # Thread.__init__ bound the target to the old class's run_reactor: rebind it.
             assoc._target = make_target(assoc.run_reactor)  # type: ignore[attr-defined]
         if type(assoc.dimse) is DIMSEServiceProvider:  # 0xC213 for an unreadable command UID
-            from node.listener.store_response import InvalidCommandAnswers
+            from node.listener.store_response import ListenerDimse
 
-            assoc.dimse.__class__ = InvalidCommandAnswers
+            assoc.dimse.__class__ = ListenerDimse
         sock = assoc.dul.socket
         if type(sock) is not AssociationSocket:  # someone else's subclass: leave it be
             return assoc

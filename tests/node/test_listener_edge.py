@@ -7,6 +7,7 @@ than 64 characters (answered 0xC213, PS3.5 §9.1).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -200,18 +201,12 @@ def test_command_uid_longer_than_64_characters_answers_c213(
     """pynetdicom's SCU (and dcmtk's) will not send such a command, so the C-STORE-RQ
     is encoded here and its Affected SOP Instance UID lengthened after validation."""
     ds = pydicom.dcmread(data_dir / CT_FILE)
-    responses: list[Any] = []
-
-    def on_dimse(event: evt.Event) -> None:
-        responses.append(event.message.command_set)
-
     with _start(db, spool, event_driven=event_driven) as listener:
         ae = AE(ae_title="TESTSCU")
         ae.dimse_timeout = ae.network_timeout = 20
         ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", listener.port, ae_title="LOCUS",
-                             evt_handlers=[(evt.EVT_DIMSE_RECV, on_dimse)])
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="LOCUS")
         assert assoc.is_established
         context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
         request = C_STORE()
@@ -223,12 +218,19 @@ def test_command_uid_longer_than_64_characters_answers_c213(
         message = C_STORE_RQ()
         message.primitive_to_message(request)
         message.command_set.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10." + "1" * 50  # 73 chars
-        for pdata in message.encode_msg(context.context_id, 16382):
-            assoc.dul.send_pdu(pdata)
-        wait_until(lambda: responses, "the C-STORE response")
-        (rsp,) = responses
+        # Pause the SCU's reactor as its send_* methods do, so the response comes to us.
+        assoc._reactor_checkpoint.clear()
+        wait_until(lambda: assoc._is_paused, "the SCU reactor to pause")
+        try:
+            for pdata in message.encode_msg(context.context_id, 16382):
+                assoc.dul.send_pdu(pdata)
+            _, response = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert response is not None, "no response: the association was dropped"
+        rsp = response
         assert rsp.Status == StoreStatus.INVALID_UID and rsp.MessageIDBeingRespondedTo == 7
-        assert "UID" in rsp.ErrorComment
+        assert "UID" in rsp.ErrorComment and rsp.AffectedSOPInstanceUID is None
         assert assoc.is_established and not assoc.is_aborted  # the association goes on
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
@@ -245,21 +247,20 @@ def _commit(port: int, references: list[tuple[str, str]], *, transaction: str) -
     from node.listener.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
 
     reports: list[Any] = []
-    answered: list[Any] = []
+    answering: list[threading.Thread] = []
 
     def on_report(event: evt.Event) -> tuple[int, None]:
         reports.append((event.request.EventTypeID, event.event_information))
+        # pynetdicom serves an N-EVENT-REPORT on a thread of its own, which sends our
+        # answer after this returns.
+        answering.append(threading.current_thread())
         return 0x0000, None
-
-    def on_sent(event: evt.Event) -> None:
-        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
-            answered.append(event.message)
 
     ae = AE(ae_title="TESTSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
     assoc = ae.associate("127.0.0.1", port, ae_title="LOCUS",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)])
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     assert assoc.is_established
     info = Ds()
     info.TransactionUID = transaction
@@ -272,9 +273,9 @@ def _commit(port: int, references: list[tuple[str, str]], *, transaction: str) -
     info.ReferencedSOPSequence = items
     status, _ = assoc.send_n_action(info, 1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE)
     if status.Status == 0x0000:
-        # Release only once this SCU has answered the report (its answer is sent by
-        # pynetdicom on another thread after the handler returns).
-        wait_until(lambda: answered, "the storage commitment N-EVENT-REPORT and its answer")
+        # Release only once this SCU has answered the report.
+        wait_until(lambda: answering, "the storage commitment N-EVENT-REPORT")
+        answering[0].join(20)
     assoc.release()
     return status, reports
 
