@@ -94,7 +94,9 @@ class DicomSettings(_Section):
     # Empty list = accept any calling AE (convenient for a demo on one box).  Production
     # configurations list every sender: an unknown caller is then rejected (permanent).
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
-    require_called_ae_title: bool = True  # reject associations addressed to another AE title
+    # Reject associations addressed to another AE title; false = answer to any called
+    # title (a node reached under several titles through a router).
+    require_called_ae_title: bool = True
     max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (dicom-guide.md §7.1)
     max_associations: int = Field(default=8, ge=1)  # per listener process
     # Listener processes behind the port: pynetdicom is CPU-bound under the GIL, so
@@ -124,11 +126,32 @@ class DicomSettings(_Section):
     # place of the first and makes a new study version. Either way: WARNING log with the
     # UIDs, a "duplicate" audit row, studies.duplicate_count + 1.
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    # DICOM TLS (PS3.15 Annex B.9, TLS 1.2/1.3; node.listener.tls). tls_port opens a
+    # TLS port beside the plain one (served by the first listener process); it needs
+    # the node's certificate and key (PEM). tls_client_ca set = mutual authentication:
+    # a client must present a certificate issued by that CA (the AE allow-list still
+    # applies). plain_port_enabled = false leaves only the TLS port.
+    plain_port_enabled: bool = True
+    tls_port: int | None = Field(default=None, ge=1, le=65535)
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _check_ae(cls, v: str) -> str:
         return _ae_title(v)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DicomSettings:
+        if self.tls_port is not None:
+            if self.tls_certificate is None or self.tls_private_key is None:
+                raise ValueError("dicom.tls_port needs dicom.tls_certificate and dicom.tls_private_key")
+            if self.tls_port == self.port and self.plain_port_enabled:
+                raise ValueError("dicom.tls_port must differ from dicom.port")
+        elif not self.plain_port_enabled:
+            raise ValueError("dicom.plain_port_enabled = false needs dicom.tls_port")
+        return self
 
     def caller_allowed(self, ae_title: str, host: str | None) -> bool:
         """Whether an association from ``ae_title`` at ``host`` may be accepted."""
@@ -238,11 +261,27 @@ class ExportDestination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    # DICOM TLS to this peer (PS3.15 B.9, TLS 1.2/1.3): its certificate is verified
+    # against tls_ca (default: the system trust store) and must name ``host``;
+    # tls_certificate/tls_private_key are Locus's client certificate for peers that
+    # require mutual authentication.
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _check_ae(cls, v: str) -> str:
         return _ae_title(v)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ExportDestination:
+        if not self.tls and (self.tls_ca or self.tls_certificate or self.tls_private_key):
+            raise ValueError(f"export destination {self.name!r}: tls_* files given but tls = false")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError(f"export destination {self.name!r}: tls_certificate and tls_private_key go together")
+        return self
 
 
 class ExportSettings(_Section):

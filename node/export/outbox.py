@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from node.db import repo
 from node.db.base import Database
-from node.export.scu import ExportRefused, Peer, SendResult, send_instance
+from node.export.scu import ExportRefused, Peer, PeerTls, SendResult, send_instance
 from pipelines.errors import TransientError
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class DestinationResolver:
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> DestinationResolver:
         dests = {
-            d.name: Peer(ae_title=d.ae_title, host=d.host, port=d.port, name=d.name)
+            d.name: Peer(ae_title=d.ae_title, host=d.host, port=d.port, name=d.name, tls=PeerTls.of(d))
             for d in settings.export.destinations
         }
         senders = {

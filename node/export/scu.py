@@ -29,6 +29,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from node.listener.tls import client_context
 from node.listener.status import describe, is_delivered, is_transient_failure
 from pipelines.errors import LocusError, TransientError
 
@@ -46,6 +47,26 @@ class ExportRefused(LocusError):
 
 
 @dataclass(frozen=True)
+class PeerTls:
+    """DICOM TLS to a peer (PS3.15 B.9; node.listener.tls.client_context): the peer's
+    certificate is checked against ``ca`` (None = system trust store) and must name the
+    peer's host; ``certificate``/``private_key`` answer a request for a client certificate."""
+
+    ca: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+
+    @classmethod
+    def of(cls, destination: Any) -> PeerTls | None:
+        """From an ``export.destinations`` entry (node.settings.ExportDestination)."""
+        if not destination.tls:
+            return None
+        def text(p: object) -> str | None:
+            return None if p is None else str(p)
+        return cls(text(destination.tls_ca), text(destination.tls_certificate), text(destination.tls_private_key))
+
+
+@dataclass(frozen=True)
 class Peer:
     """A C-STORE SCP to send to."""
 
@@ -53,9 +74,10 @@ class Peer:
     host: str
     port: int
     name: str = ""
+    tls: PeerTls | None = None
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
 
 @dataclass(frozen=True)
@@ -123,12 +145,18 @@ def _associate(ae: AE, peer: Peer, max_pdu: int) -> Association:
         if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0x00):
             seen["reject"] = primitive
 
+    tls_args = None
+    if peer.tls is not None:
+        # pynetdicom wraps the socket and does the handshake (server name = host) before
+        # the A-ASSOCIATE-RQ; a failed handshake reads as "cannot connect" below.
+        tls_args = (client_context(peer.tls.ca, peer.tls.certificate, peer.tls.private_key), peer.host)
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         max_pdu=max_pdu,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
+        tls_args=tls_args,
     )
     if assoc.is_established:
         return assoc
@@ -136,7 +164,8 @@ def _associate(ae: AE, peer: Peer, max_pdu: int) -> Association:
     if assoc.is_rejected:
         raise TransientError(f"{where}: {_reject_reason(seen['reject'])}", code="association_rejected")
     if not seen["connected"]:
-        raise TransientError(f"{where}: cannot connect", code="peer_unreachable")
+        how = " or complete the TLS handshake (see the log)" if peer.tls is not None else ""
+        raise TransientError(f"{where}: cannot connect{how}", code="peer_unreachable")
     if not assoc.accepted_contexts and assoc.rejected_contexts:
         raise ExportRefused(
             f"{where} accepted none of the proposed presentation contexts",

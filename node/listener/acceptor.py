@@ -1,4 +1,15 @@
-"""An acceptor association loop that waits for work instead of sleeping 1 ms per turn.
+"""Acceptor association loops: a connection that closes before its A-ASSOCIATE-RQ frees its
+thread at once, and (event driven) a loop that waits for work instead of sleeping 1 ms.
+
+Waiting for the request. pynetdicom 3.0.4's acceptor waits for the A-ASSOCIATE-RQ with
+one ``receive_pdu(timeout=acse_timeout)``: when the peer closes the connection first (a
+port scanner, a load-balancer health check), the DUL returns to Sta1 (AA-5, PS3.8
+§9.2) and ends, but the association thread keeps waiting out the whole ACSE timeout
+(30 s by default), and pynetdicom counts that thread against ``maximum_associations``.
+:class:`LocusAcceptor` waits in short slices and stops as soon as the DUL thread has
+ended (socket closed: AA-5; ARTIM expired: AA-2, PS3.8 §9.1.5), and it only goes on
+with an A-ASSOCIATE primitive (an A-P-ABORT for an invalid first PDU ends it too). The
+association limit itself counts requested associations only (node.listener.ae).
 
 pynetdicom 3.0.4's ``Association._run_reactor`` sleeps 1 ms, then checks for a decoded
 DIMSE message, a release request, an abort, a dead DUL thread and the network idle
@@ -18,10 +29,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.utils import set_timer_resolution
 
 from node.listener.transport import BulkReceiveSocket, WakingQueue
 
@@ -31,8 +45,67 @@ LOGGER = logging.getLogger("pynetdicom.association")  # where pynetdicom writes 
 #: network idle timer (seconds; ``network_timeout`` itself is configured in seconds).
 ACCEPTOR_IDLE_WAIT_S = 0.05
 
+#: How often an acceptor waiting for its A-ASSOCIATE-RQ looks whether the DUL (and so
+#: the connection) has ended; this bounds how long a closed connection holds a thread.
+REQUEST_WAIT_SLICE_S = 0.05
 
-class EventDrivenAcceptor(Association):
+
+class LocusAcceptor(Association):
+    """``Association`` whose acceptor ends as soon as its connection does (module docstring)."""
+
+    def run_reactor(self) -> None:
+        if not self.is_acceptor:
+            super().run_reactor()
+            return
+        if not self._started_dul:
+            self.dul.start()
+            self._started_dul = True
+            self._dul_ready.wait()
+
+        primitive = self._wait_for_request()
+        if not isinstance(primitive, A_ASSOCIATE):  # closed, ARTIM expired, ACSE timeout, bad PDU
+            self.kill()
+            self._shutdown_connection()
+            # The DUL has stopped: close the wake pipe now rather than at garbage collection.
+            pipe = getattr(self.dul.socket, "wake_pipe", None)
+            if pipe is not None and not self.dul.is_alive():
+                pipe.close()
+            return
+
+        # From here on exactly pynetdicom's acceptor path (association.py run_reactor).
+        self.requestor.primitive = primitive
+        evt.trigger(self, evt.EVT_REQUESTED, {})
+        if not self.is_aborted and not self.is_rejected:
+            self.acse.negotiate_association()
+        if self.is_established:
+            with set_timer_resolution(self._timer_resolution):
+                self._run_reactor()
+        self._shutdown_connection()
+
+    def _wait_for_request(self) -> object | None:
+        """The first primitive from the DUL, or None when the connection ended first or
+        the ACSE timeout passed (the ARTIM timer, set to the same value, then closes it)."""
+        timeout = self.acse_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = REQUEST_WAIT_SLICE_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return None
+            primitive = self.dul.receive_pdu(wait=True, timeout=wait)
+            if primitive is not None:
+                return primitive
+            if not self.dul.is_alive():  # AA-2/AA-5 ended it; take what it queued last
+                return self.dul.receive_pdu(wait=False)
+
+    def _shutdown_connection(self) -> None:
+        sock = self.dul.socket
+        if self._server and sock is not None and sock.socket:
+            self._server.shutdown_request(sock.socket)
+
+
+class EventDrivenAcceptor(LocusAcceptor):
     """``Association`` whose acceptor loop is woken by its queues (module docstring)."""
 
     _locus_wake: threading.Event

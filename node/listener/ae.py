@@ -7,11 +7,18 @@ Each accepts the uncompressed transfer syntaxes and the common compressed ones
 (peers.md F8: senders that offer only JPEG-LS / JPEG 2000 / JPEG lossless must not be
 refused). Objects are stored as received, so no codec is needed to accept them.
 
-Who may connect (PS3.8 §7.1.1.3 A-ASSOCIATE-RJ): the called AE title must be ours and
-the calling AE title must be on the allow-list, optionally from given hosts. A refusal is
-answered as "rejected-permanent, service-user, calling (or called) AE title not
-recognized", logged with its reason and passed to an audit callback (the listener
-records it in the database).
+Who may connect (PS3.8 §7.1.1.3 A-ASSOCIATE-RJ): the called AE title must be ours
+(unless ``require_called_ae_title`` is off) and the calling AE title must be on the
+allow-list, optionally from given hosts. A refusal is answered as "rejected-permanent,
+service-user, calling (or called) AE title not recognized", logged with its reason and
+passed to an audit callback (the listener records it in the database).
+
+How many at once: ``maximum_associations`` counts *requested* associations (an
+A-ASSOCIATE-RQ received, not yet ended). A TCP connection that has not sent its request
+(or a TLS handshake in progress) holds no slot: it is bounded by the ARTIM timer (PS3.8
+§9.1.5) and by the listener's cap on pending connections (node.listener.server). Over
+the limit the answer is "rejected-transient, service-provider (presentation), local
+limit exceeded" (PS3.8 §9.3.4), audited like the other refusals.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from dataclasses import dataclass, field
 
 from pydicom import uid as _uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.listener.commitment import STORAGE_COMMITMENT_PUSH_MODEL
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,6 +72,14 @@ REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 DIAG_CALLING_AE_NOT_RECOGNIZED = 0x03
 DIAG_CALLED_AE_NOT_RECOGNIZED = 0x07
+REJECT_TRANSIENT = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+DIAG_LOCAL_LIMIT_EXCEEDED = 0x02
+
+
+#: Added to pynetdicom's own ``maximum_associations`` so that its check (which also
+#: counts connections that have not sent a request yet) never answers before Locus's.
+PYNETDICOM_LIMIT_HEADROOM = 100_000
 
 
 @dataclass(frozen=True)
@@ -117,11 +135,13 @@ class CallerPolicy:
     """Association acceptance rules: our called AE title and the calling-AE allow-list.
 
     An empty allow-list accepts any calling AE (logged as a warning at start-up); the
-    called AE title is always checked.
+    called AE title is checked unless ``require_called`` is False (a node reached under
+    several titles, e.g. behind a router that rewrites them).
     """
 
     called_ae_title: str
     allowed: Sequence[AllowedCaller] = ()
+    require_called: bool = True
     # AE title -> one entry per allow-list line: None = any host, else the networks.
     _networks: dict[str, list[list[_Net] | None]] = field(
         default_factory=dict, init=False, repr=False
@@ -140,7 +160,7 @@ class CallerPolicy:
     def check(self, calling_ae: str, called_ae: str, peer_host: str) -> Refusal | None:
         """Return the reason to refuse this request, or None to accept it."""
         calling = calling_ae.strip()
-        if called_ae.strip() != self.called_ae_title.strip():
+        if self.require_called and called_ae.strip() != self.called_ae_title.strip():
             return Refusal(
                 "called_ae_not_recognized",
                 f"called AE title {called_ae.strip()!r} is not this node's "
@@ -178,13 +198,32 @@ AuditRefusal = Callable[[Refusal, str, str], None]
 """Callback ``(refusal, calling_ae, peer_host)`` used to record a refused association."""
 
 
+def requested_associations(assoc: Association) -> int:
+    """Acceptor associations of ``assoc``'s AE, other than ``assoc``, that hold a slot:
+    their A-ASSOCIATE-RQ has arrived and they have not been refused or ended."""
+    return sum(
+        1
+        for other in assoc.ae.active_associations
+        if other is not assoc
+        and other.is_acceptor
+        and other.requestor.primitive is not None
+        and not (other.is_rejected or other.is_aborted or other.is_released or other._kill)
+    )
+
+
 def make_request_handler(
-    policy: CallerPolicy, audit: AuditRefusal | None = None
+    policy: CallerPolicy,
+    audit: AuditRefusal | None = None,
+    *,
+    maximum_associations: int | None = None,
 ) -> Callable[[evt.Event], None]:
-    """An ``EVT_REQUESTED`` handler that rejects callers the policy refuses.
+    """An ``EVT_REQUESTED`` handler that rejects callers the policy refuses, and
+    requests beyond ``maximum_associations`` (module docstring; None = no limit).
 
     pynetdicom runs it after receiving the A-ASSOCIATE-RQ and skips its own negotiation
     when the handler has rejected the association (association.py ``run_reactor``).
+    Concurrent requests at the limit each see the other (its primitive is set before
+    this handler runs), so the limit is never exceeded; at worst both are refused.
     """
 
     def on_requested(event: evt.Event) -> None:
@@ -194,6 +233,16 @@ def make_request_handler(
         called = str(primitive.called_ae_title).strip()
         peer = str(assoc.requestor.address)
         refusal = policy.check(calling, called, peer)
+        result, source = REJECT_PERMANENT, SOURCE_SERVICE_USER
+        if refusal is None and maximum_associations is not None:
+            busy = requested_associations(assoc)
+            if busy >= maximum_associations:
+                refusal = Refusal(
+                    "association_limit",
+                    f"{busy} associations already open (maximum_associations = {maximum_associations})",
+                    DIAG_LOCAL_LIMIT_EXCEEDED,
+                )
+                result, source = REJECT_TRANSIENT, SOURCE_PROVIDER_PRESENTATION
         if refusal is None:
             return
         LOGGER.warning(
@@ -205,7 +254,7 @@ def make_request_handler(
                 audit(refusal, calling, peer)
             except Exception:  # the refusal stands even if the audit row cannot be written
                 LOGGER.exception("could not record the refused association")
-        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, refusal.diagnostic)
+        assoc.acse.send_reject(result, source, refusal.diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 
@@ -225,12 +274,14 @@ def build_ae(
     """The listener's AE with every storage context and Verification (dicom-guide.md §7.1).
 
     ``maximum_pdu_size=0`` (unlimited) roughly halves receive time versus pynetdicom's
-    16382 default (§7.3). Calling/called AE checks are done by
-    :func:`make_request_handler` so every refusal is audited, hence
-    ``require_called_aet`` stays False here.
+    16382 default (§7.3). Calling/called AE checks and the association limit are done
+    by :func:`make_request_handler` so every refusal is audited, hence
+    ``require_called_aet`` stays False here and pynetdicom's own limit (which counts
+    connections still waiting for their request) is set out of the way: threads are
+    bounded by ``maximum_associations`` plus the listener's pending-connection cap.
     """
     ae = AE(ae_title=ae_title)
-    ae.maximum_associations = maximum_associations
+    ae.maximum_associations = maximum_associations + PYNETDICOM_LIMIT_HEADROOM
     ae.acse_timeout = acse_timeout
     ae.dimse_timeout = dimse_timeout
     ae.network_timeout = network_timeout
@@ -239,4 +290,6 @@ def build_ae(
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, syntaxes)
     ae.add_supported_context(Verification, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+    # Storage Commitment Push Model SCP (PS3.4 Annex J; node.listener.commitment).
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, [_uid.ExplicitVRLittleEndian, _uid.ImplicitVRLittleEndian])
     return ae

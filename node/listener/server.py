@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -28,9 +29,11 @@ from node.listener.ae import (
     build_ae,
     make_request_handler,
 )
+from node.listener.commitment import handle_n_action
 from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle_store
 from node.listener.index_writer import IndexWriter
 from node.listener.processes import resolve_listener_processes
+from node.listener.tls import TlsAcceptor, server_context
 from node.listener.transport import LocusRequestHandler, SharedSyntaxContext
 from node.storage import Spool
 
@@ -71,6 +74,19 @@ class ListenerConfig:
     max_instance_bytes: int | None = None
     duplicate_policy: str = "keep_first"
     own_uid_root: str | None = None
+    # False = accept associations addressed to any called AE title (node.listener.ae).
+    require_called_ae_title: bool = True
+    # Connections that have not sent their A-ASSOCIATE-RQ yet (or are in their TLS
+    # handshake) beyond this many are closed at once: they hold no association slot,
+    # but each holds threads until it closes or its ARTIM timer expires.
+    max_pending_connections: int = 64
+    # The plain TCP port; False = only the TLS port listens (tls_port required).
+    plain_enabled: bool = True
+    # DICOM TLS (node.listener.tls, PS3.15 B.9): a second port, served by this process.
+    tls_port: int | None = None  # 0 = any free port (see ListenerServer.tls_port)
+    tls_certificate: str | None = None  # PEM certificate (chain) of this node
+    tls_private_key: str | None = None  # PEM private key, unencrypted
+    tls_client_ca: str | None = None  # set = clients must present a certificate from this CA
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> ListenerConfig:
@@ -93,18 +109,32 @@ class ListenerConfig:
             max_instance_bytes=d.max_instance_bytes,
             duplicate_policy=d.duplicate_policy,
             own_uid_root=settings.analysis.uid_root,
+            require_called_ae_title=d.require_called_ae_title,
+            plain_enabled=d.plain_port_enabled,
+            tls_port=d.tls_port,
+            tls_certificate=_path(d.tls_certificate),
+            tls_private_key=_path(d.tls_private_key),
+            tls_client_ca=_path(d.tls_client_ca),
         )
+
+
+def _path(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass
 class ListenerServer:
-    """A running listener; ``shutdown()`` stops accepting and closes associations."""
+    """A running listener; ``shutdown()`` stops accepting and closes associations.
+
+    ``server`` is the plain port's server, or the TLS one when the plain port is off.
+    """
 
     server: ThreadedAssociationServer
     config: ListenerConfig
     context: StoreContext
     policy: CallerPolicy = field(repr=False)
     children: ListenerChildren | None = field(default=None, repr=False)
+    tls_server: ThreadedAssociationServer | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
@@ -115,6 +145,10 @@ class ListenerServer:
         return int(self.server.server_address[1])
 
     @property
+    def tls_port(self) -> int | None:
+        return None if self.tls_server is None else int(self.tls_server.server_address[1])
+
+    @property
     def ae_title(self) -> str:
         return self.config.ae_title
 
@@ -122,6 +156,8 @@ class ListenerServer:
         if self.children is not None:
             self.children.stop()
         self.server.shutdown()
+        if self.tls_server is not None and self.tls_server is not self.server:
+            self.tls_server.shutdown()
         if self.context.writer is not None:
             self.context.writer.close()
         LOGGER.info("DICOM listener %s on port %d stopped", self.config.ae_title, self.port)
@@ -149,31 +185,73 @@ def _audit_refusal(db: Database) -> Any:
     return audit
 
 
+def _audit_tls_failure(db: Database) -> Any:
+    """Audit hook for a TLS handshake a peer started and that failed (node.listener.tls)."""
+    audit = _audit_refusal(db)
+
+    def on_failure(reason: str, peer: str) -> None:
+        audit(Refusal("tls_handshake_failed", reason, 0), "", peer)
+
+    return on_failure
+
+
+def pending_connections(ae: AE) -> int:
+    """Acceptor threads of ``ae`` still waiting for their A-ASSOCIATE-RQ."""
+    return sum(
+        1
+        for assoc in ae.active_associations
+        if assoc.is_acceptor and assoc.requestor.primitive is None and not assoc._kill
+    )
+
+
 class _LocusServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server; with listener processes, it hands them their turns."""
+    """pynetdicom's threaded server; with listener processes, it hands them their turns.
+
+    It also closes connections beyond ``locus_max_pending`` that have not yet asked for
+    an association (node.listener.ae: they hold no slot, so this bounds their threads).
+    """
 
     locus_children: ListenerChildren | None = None  # set once the children run
     locus_event_driven: bool = True  # read by LocusRequestHandler
+    locus_tls: TlsAcceptor | None = None  # read by LocusRequestHandler
+    locus_max_pending: int = 64
+    _locus_warned_at: float = 0.0
 
     def process_request(self, request: Any, client_address: Any) -> None:
         children = self.locus_children
         if children is not None and children.hand_off(request):
             request.close()  # the child holds its own descriptor of the connection
             return
+        pending = pending_connections(self.ae) + (self.locus_tls.in_progress if self.locus_tls else 0)
+        if pending >= self.locus_max_pending:
+            now = time.monotonic()
+            if now - self._locus_warned_at > 10:  # a flood must not flood the log as well
+                self._locus_warned_at = now
+                LOGGER.warning(
+                    "%d connections have not asked for an association yet; closing new ones "
+                    "(from %s) until they do or time out", pending, client_address[0],
+                )
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
 
-def _serve(ae: AE, cfg: ListenerConfig, handlers: list[Any]) -> _LocusServer:
+def _serve(
+    ae: AE, cfg: ListenerConfig, handlers: list[Any], port: int, tls: TlsAcceptor | None = None
+) -> _LocusServer:
     """What ``AE.start_server(block=False)`` does, with Locus's receive path
-    (node.listener.transport) and its hand-off to listener processes."""
+    (node.listener.transport), its hand-off to listener processes and its TLS."""
     server = ae.make_server(
-        (cfg.host, cfg.port), evt_handlers=handlers, server_class=_LocusServer,
+        (cfg.host, port), evt_handlers=handlers, server_class=_LocusServer,
         request_handler=LocusRequestHandler,
         contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
     )
     server.locus_event_driven = cfg.event_driven
+    server.locus_max_pending = cfg.max_pending_connections
+    server.locus_tls = tls
     ae._servers.append(server)  # as start_server does, so AE.shutdown() stops it too
-    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{cfg.port}", daemon=True)
+    name = f"AcceptorServer@{port}{'-tls' if tls else ''}"
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     return server
 
@@ -200,7 +278,20 @@ def start_listener(
     )
     if cfg.processes > 1 and on_stored is not None:
         raise ValueError("an on_stored hook cannot run in other listener processes: use processes=1")
-    policy = CallerPolicy(cfg.ae_title, tuple(cfg.allowed_callers))
+    if not cfg.plain_enabled and cfg.tls_port is None:
+        raise ValueError("the plain port is disabled and no TLS port is configured")
+    tls: TlsAcceptor | None = None
+    if cfg.tls_port is not None:
+        if not (cfg.tls_certificate and cfg.tls_private_key):
+            raise ValueError("a TLS port needs tls_certificate and tls_private_key")
+        tls = TlsAcceptor(
+            server_context(cfg.tls_certificate, cfg.tls_private_key, cfg.tls_client_ca),
+            timeout=cfg.acse_timeout,
+            on_failure=_audit_tls_failure(db),
+        )
+    policy = CallerPolicy(
+        cfg.ae_title, tuple(cfg.allowed_callers), require_called=cfg.require_called_ae_title
+    )
     if policy.open:
         LOGGER.warning("no calling-AE allow-list configured: any caller may store to %s", cfg.ae_title)
     writer = IndexWriter(db, sync_parent=spool.sync_parent) if cfg.group_commit else None
@@ -209,24 +300,39 @@ def start_listener(
         duplicate_policy=cfg.duplicate_policy, own_uid_root=cfg.own_uid_root,
     )
     handlers = [
-        (evt.EVT_REQUESTED, make_request_handler(policy, _audit_refusal(db))),
+        (evt.EVT_REQUESTED, make_request_handler(
+            policy, _audit_refusal(db), maximum_associations=cfg.maximum_associations
+        )),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_N_ACTION, handle_n_action, [ctx]),  # Storage Commitment (node.listener.commitment)
     ]
+    plain: _LocusServer | None = None
+    tls_server: _LocusServer | None = None
     try:
-        server = _serve(ae, cfg, handlers)
+        if cfg.plain_enabled:
+            plain = _serve(ae, cfg, handlers, cfg.port)
+        if tls is not None and cfg.tls_port is not None:
+            tls_server = _serve(ae, cfg, handlers, cfg.tls_port, tls)
     except BaseException:  # e.g. the port is taken: do not leave the writer thread behind
+        if plain is not None:
+            plain.shutdown()
         if writer is not None:
             writer.close()
         raise
-    running = ListenerServer(server=server, config=cfg, context=ctx, policy=policy)
-    if cfg.processes > 1:
+    server = plain or tls_server
+    assert server is not None  # checked above: one of the two is configured
+    running = ListenerServer(
+        server=server, config=cfg, context=ctx, policy=policy, tls_server=tls_server
+    )
+    if cfg.processes > 1 and plain is not None:
         from node.listener.processes import start_children
 
         try:
             running.children = start_children(
                 # Children get connections handed over only: an unannounced loopback port.
-                replace(cfg, host="127.0.0.1", port=0, processes=1),
+                # TLS connections stay in this process (its TLS server hands none off).
+                replace(cfg, host="127.0.0.1", port=0, processes=1, plain_enabled=True, tls_port=None),
                 cfg.processes - 1,
                 database_url=db.url.render_as_string(hide_password=False),
                 sqlite_busy_timeout_ms=db.sqlite_busy_timeout_ms,
@@ -239,7 +345,12 @@ def start_listener(
             raise
         server.locus_children = running.children
     LOGGER.info(
-        "DICOM listener %s on %s:%d (spool %r, %d allowed callers)",
-        cfg.ae_title, running.host, running.port, spool, len(policy.allowed),
+        "DICOM listener %s on %s: %s (spool %r, %d allowed callers)",
+        cfg.ae_title, running.host,
+        ", ".join(
+            ([f"plain port {plain.server_address[1]}"] if plain is not None else [])
+            + ([f"TLS port {running.tls_port}"] if tls_server is not None else [])
+        ),
+        spool, len(policy.allowed),
     )
     return running

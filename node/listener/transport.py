@@ -24,6 +24,12 @@ What changes (behaviour, PDUs and the state machine are pynetdicom's, PS3.8 §9.
 * a successful C-STORE response is encoded without pydicom
   (:mod:`node.listener.store_response`).
 
+Always (both loop kinds): the acceptor ends as soon as a connection closes before its
+A-ASSOCIATE-RQ (:class:`node.listener.acceptor.LocusAcceptor`), a C-STORE-RQ whose command
+UIDs pynetdicom cannot read is answered 0xC213 instead of aborting
+(:class:`node.listener.store_response.ListenerDimse`), and on a TLS port the
+handshake runs on the connection's thread (:mod:`node.listener.tls`).
+
 Installed through pynetdicom's server extension point: ``AE.make_server(...,
 request_handler=LocusRequestHandler)``. The handler lets pynetdicom create and configure
 the association, then swaps in these classes (they add behaviour, not state, so the
@@ -54,13 +60,14 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.utils import make_target
 
 if TYPE_CHECKING:
     import socket
-
-    from pynetdicom.association import Association
 
 #: Longest a DUL loop waits for data or a queued primitive before it looks at its
 #: timers (ARTIM, PS3.8 §9.1.5) and kill flag again. pynetdicom's loop looks every 1 ms;
@@ -262,12 +269,34 @@ class LocusRequestHandler(RequestHandler):
     """pynetdicom's acceptor request handler with this module's receive path.
 
     ``server.locus_event_driven`` (set by ``node.listener.server``) selects the
-    event-driven loops; whole-PDU reads are always used.
+    event-driven loops; whole-PDU reads are always used. ``server.locus_tls`` (a
+    :class:`node.listener.tls.TlsAcceptor`) makes this a TLS listener: the handshake runs
+    here, on the connection's thread, before any association exists.
     """
+
+    def handle(self) -> None:
+        tls = getattr(self.server, "locus_tls", None)
+        if tls is not None:
+            peer = str(self.client_address[0]) if isinstance(self.client_address, tuple) else "?"
+            wrapped = tls.handshake(self.request, peer)
+            if wrapped is None:
+                return  # refused and closed; no association, no slot
+            self.request = wrapped
+        super().handle()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         drop_unlogged_standard_handlers(assoc)
+        if type(assoc) is Association:  # node.listener.acceptor: a closed connection ends at once
+            from node.listener.acceptor import LocusAcceptor
+
+            assoc.__class__ = LocusAcceptor
+            # Thread.__init__ bound the target to the old class's run_reactor: rebind it.
+            assoc._target = make_target(assoc.run_reactor)  # type: ignore[attr-defined]
+        if type(assoc.dimse) is DIMSEServiceProvider:  # 0xC213 for an unreadable command UID
+            from node.listener.store_response import ListenerDimse
+
+            assoc.dimse.__class__ = ListenerDimse
         sock = assoc.dul.socket
         if type(sock) is not AssociationSocket:  # someone else's subclass: leave it be
             return assoc
