@@ -185,3 +185,30 @@ def test_cli_evaluate_spec_scores_the_shipped_release(tmp_path: Path) -> None:
     assert small.exit_code == 1 and "holds 5 lesions" in small.output and "at least 1000" in small.output
     unknown = CliRunner().invoke(train, [*args, "--spec", "nope"])
     assert unknown.exit_code == 2 and "big, one" in unknown.output
+
+
+# -- what the README and the model card print --------------------------------------------------------------
+def test_model_card_reports_test_figures_with_intervals_and_labels_validation(tmp_path: Path) -> None:
+    from training.localizer.heldout import spec_role
+    from training.localizer.pipeline import accuracy_markdown
+
+    spec = load_eval_spec()
+    outs = ([outcome(f"s{k}", 0, k % 4 != 0, region="Chest") for k in range(8)]
+            + [outcome(f"s{k}", 1, False, region="Neck", in_vocabulary=False) for k in range(2)])
+    test = {**with_intervals(outs, spec.bootstrap, confidence="calibrated probability"), "no_voxels": 0,
+            "set": {**spec.sets["test"].__dict__, "seeds": list(spec.sets["test"].seeds)}, "spec_version": spec.version}
+    run_metrics = {**summarize(outs), "label": "PHANTOM accuracy", "test": {"seeds": [30000, 30040]}}
+    fallback = accuracy_markdown(tmp_path, run_metrics)
+    assert "No test-set figures yet" in fallback and "perfect segmentation, not detection" in fallback
+    (tmp_path / "evaluation_test.json").write_text(json.dumps(test))
+    card = accuracy_markdown(tmp_path, run_metrics)
+    assert "Test set (chose nothing)" in card and "seeds 50000-50239" in card
+    assert f"**{100 * test['final_top1']:.1f} % [" in card  # the headline carries its interval
+    assert "| Neck | 2 | 2 |" in card and "2 lesions lie in sites the\nmodel's vocabulary cannot name" in card
+    assert "perfect segmentation, not detection" in card and "2,000 bootstrap" in card
+    assert "Validation set" not in card
+    (tmp_path / "evaluation_validation.json").write_text(json.dumps(
+        {**test, "set": {**test["set"], "seeds": [30000, 30040], "extra_seeds": [7]}}))
+    assert "**Validation set** (chose the recipe" in accuracy_markdown(tmp_path, run_metrics)
+    assert spec_role((30000, 30040)) == "validation" and spec_role((50000, 50240)) == "test"
+    assert spec_role((10000, 10200)) is None

@@ -190,6 +190,17 @@ def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str,
                            "evaluation": evaluation}))
 
 
+def _spec_evaluations(out: Path, work: Path, device: str) -> None:
+    """Score a fresh release on the spec's validation and test sets (the figures the model card reports)."""
+    from training.localizer.heldout import evaluate_release, load_eval_spec
+
+    spec = load_eval_spec()
+    for name in ("validation", "test"):
+        m = evaluate_release(out, spec.sets[name], spec, work / f"outcomes_{name}.jsonl", device=device,
+                             progress=True)
+        (out / f"evaluation_{name}.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+
+
 @train.command(name="demo-weights")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=REPO_DEMO_DIR, show_default=True)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -197,12 +208,13 @@ def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str,
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--resume", is_flag=True)
 def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: bool) -> None:
-    """Reproduce the shipped demo localizer (node/demo_localizer) from phantom data."""
+    """Reproduce the shipped demo localizer (node/demo_localizer) from phantom data, scored on the spec's sets."""
     from training.localizer.pipeline import Run, default_work_dir, demo_spec, run_all, write_model_card
 
     work = work or default_work_dir(out)
     run = Run.open(out, work, None if (work / "run.json").is_file() else demo_spec(seed), device=device)
     result = run_all(run, resume=resume)
+    _spec_evaluations(out, work, device)
     write_model_card(run, result, f"locus train demo-weights --seed {seed} --device {device}")
     m = result["metrics"]
     click.echo(json.dumps({"timings_s": result["timings_s"], "final_top1": m["final_top1"],

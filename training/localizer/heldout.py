@@ -219,3 +219,67 @@ def evaluate_release(release: str | Path, eval_set: EvalSet, spec: EvalSpec, out
     return {**m, "no_voxels": len(no_voxels), "set": asdict(eval_set), "spec_version": spec.version,
             "label": f"PHANTOM accuracy (synthetic studies; not clinical accuracy); {role}",
             "naming": NAMING_NOTE}
+
+
+# -- figures as Markdown (README and model card) ---------------------------------------------------------
+def _pct(v: float) -> str:
+    return "n/a" if v != v else f"{100 * v:.1f} %"
+
+
+def _ci(block: Mapping[str, Any], key: str) -> str:
+    lo, hi = block["intervals"][key]
+    return f"{_pct(block[key])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _seeds(s: Mapping[str, Any]) -> str:
+    extra = f" plus the demo study (seed {', '.join(map(str, s['extra_seeds']))})" if s["extra_seeds"] else ""
+    return f"seeds {s['seeds'][0]}-{s['seeds'][1] - 1}{extra}"
+
+
+def headline_markdown(m: Mapping[str, Any]) -> str:
+    """One sentence: the four accuracies and the ECE, each with its interval."""
+    lo, hi = m["intervals"]["ece"]
+    return (f"final-site top-1 **{_ci(m, 'final_top1')}**, top-3 {_ci(m, 'final_top3')}; coarse top-1 "
+            f"{_ci(m, 'coarse_top1')}, top-3 {_ci(m, 'coarse_top3')}; expected calibration error "
+            f"{m['reliability']['ece']:.3f} [{lo:.3f}, {hi:.3f}] ({m['confidence']})")
+
+
+def figures_markdown(test: Mapping[str, Any], validation: Mapping[str, Any] | None = None) -> str:
+    """The test-set figures (intervals, per-region counts, vocabulary gaps) and the validation headline."""
+    b = test["bootstrap"]
+    rows = [f"| **all** | **{test['n']}** | {test['outside_vocabulary']} | **{_ci(test, 'final_top1')}** | "
+            f"{_ci(test, 'final_top3')} | {_ci(test, 'coarse_top1')} | {_ci(test, 'coarse_top3')} |"]
+    nm = test["nameable"]
+    rows.append(f"| nameable lesions only | {nm['n']} | 0 | {_ci(nm, 'final_top1')} | {_ci(nm, 'final_top3')} | "
+                f"{_ci(nm, 'coarse_top1')} | {_ci(nm, 'coarse_top3')} |")
+    rows += [f"| {r} | {x['n']} | {x['outside_vocabulary']} | {_ci(x, 'final_top1')} | {_ci(x, 'final_top3')} | "
+             f"{_ci(x, 'coarse_top1')} | {_ci(x, 'coarse_top3')} |" for r, x in test["per_region"].items()]
+    outside = ", ".join(f"{c['truth']} {c['count']}" for c in test["outside_vocabulary_sites"]) or "none"
+    text = f"""**Test set (chose nothing)**: {test['n']} lesions of {test['studies']} phantom studies ({_seeds(test['set'])},
+the phantom's own lesion placement), fixed in `training/localizer/eval_spec.json` (version {test['spec_version']})
+before any model was scored on them; no recipe, hyper-parameter, temperature or model was chosen by them.
+{headline_markdown(test)}. Brackets: {100 * b['level']:.0f} % percentile intervals from {b['resamples']:,} bootstrap
+resamples of whole studies (seed {b['seed']}). Lesions are named from their **ground-truth boxes and labels**: this
+is naming accuracy given a perfect segmentation, not detection. {test['outside_vocabulary']} lesions lie in sites the
+model's vocabulary cannot name ({outside}); they count as errors above and are left out of the
+"nameable" row.{f" {test['no_voxels']} lesions had no voxel on the PET grid and could not be queried." if test['no_voxels'] else ""}
+
+| region (true site) | lesions | outside vocabulary | final top-1 | final top-3 | coarse top-1 | coarse top-3 |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    if validation is not None:
+        text += f"""
+**Validation set** (chose the recipe: field of view, resolution, training phantoms and steps were picked by their
+scores on these seeds, so they are not a test): {validation['n']} lesions of {validation['studies']} studies
+({_seeds(validation['set'])}), {validation['outside_vocabulary']} outside the vocabulary: {headline_markdown(validation)}.
+"""
+    return text
+
+
+def spec_role(seeds: Sequence[int], path: str | Path = SPEC_PATH) -> str | None:
+    """Role ("test"/"validation") of the spec set whose seed range is ``seeds``, None when none is."""
+    for s in load_eval_spec(path).sets.values():
+        if tuple(seeds) == s.seeds:
+            return s.role
+    return None
