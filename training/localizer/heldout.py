@@ -232,7 +232,7 @@ def _ci(block: Mapping[str, Any], key: str) -> str:
 
 
 def _seeds(s: Mapping[str, Any]) -> str:
-    extra = f" plus the demo study (seed {', '.join(map(str, s['extra_seeds']))})" if s["extra_seeds"] else ""
+    extra = f" and the demo study, seed {', '.join(map(str, s['extra_seeds']))}" if s["extra_seeds"] else ""
     return f"seeds {s['seeds'][0]}-{s['seeds'][1] - 1}{extra}"
 
 
@@ -247,18 +247,18 @@ def headline_markdown(m: Mapping[str, Any]) -> str:
 def figures_markdown(test: Mapping[str, Any], validation: Mapping[str, Any] | None = None) -> str:
     """The test-set figures (intervals, per-region counts, vocabulary gaps) and the validation headline."""
     b = test["bootstrap"]
-    rows = [f"| **all** | **{test['n']}** | {test['outside_vocabulary']} | **{_ci(test, 'final_top1')}** | "
+    rows = [f"| **all** | **{test['n']:,}** | {test['outside_vocabulary']} | **{_ci(test, 'final_top1')}** | "
             f"{_ci(test, 'final_top3')} | {_ci(test, 'coarse_top1')} | {_ci(test, 'coarse_top3')} |"]
     nm = test["nameable"]
-    rows.append(f"| nameable lesions only | {nm['n']} | 0 | {_ci(nm, 'final_top1')} | {_ci(nm, 'final_top3')} | "
+    rows.append(f"| nameable lesions only | {nm['n']:,} | 0 | {_ci(nm, 'final_top1')} | {_ci(nm, 'final_top3')} | "
                 f"{_ci(nm, 'coarse_top1')} | {_ci(nm, 'coarse_top3')} |")
     rows += [f"| {r} | {x['n']} | {x['outside_vocabulary']} | {_ci(x, 'final_top1')} | {_ci(x, 'final_top3')} | "
              f"{_ci(x, 'coarse_top1')} | {_ci(x, 'coarse_top3')} |" for r, x in test["per_region"].items()]
     outside = ", ".join(f"{c['truth']} {c['count']}" for c in test["outside_vocabulary_sites"]) or "none"
-    text = f"""**Test set (chose nothing)**: {test['n']} lesions of {test['studies']} phantom studies ({_seeds(test['set'])},
+    text = f"""**Test set (chose nothing)**: {test['n']:,} lesions of {test['studies']} phantom studies ({_seeds(test['set'])},
 the phantom's own lesion placement), fixed in `training/localizer/eval_spec.json` (version {test['spec_version']})
 before any model was scored on them; no recipe, hyper-parameter, temperature or model was chosen by them.
-{headline_markdown(test)}. Brackets: {100 * b['level']:.0f} % percentile intervals from {b['resamples']:,} bootstrap
+Scores: {headline_markdown(test)}. Brackets: {100 * b['level']:.0f} % percentile intervals from {b['resamples']:,} bootstrap
 resamples of whole studies (seed {b['seed']}). Lesions are named from their **ground-truth boxes and labels**: this
 is naming accuracy given a perfect segmentation, not detection. {test['outside_vocabulary']} lesions lie in sites the
 model's vocabulary cannot name ({outside}); they count as errors above and are left out of the
