@@ -212,3 +212,28 @@ def test_model_card_reports_test_figures_with_intervals_and_labels_validation(tm
     assert "**Validation set** (chose the recipe" in accuracy_markdown(tmp_path, run_metrics)
     assert spec_role((30000, 30040)) == "validation" and spec_role((50000, 50240)) == "test"
     assert spec_role((10000, 10200)) is None
+
+
+def test_shipped_figures_are_the_test_set_evaluation() -> None:
+    """README and model card quote node/demo_localizer/evaluation_test.json, scored on the spec's test set."""
+    from training.localizer.heldout import headline_markdown
+    from training.localizer.pipeline import accuracy_markdown
+
+    spec = load_eval_spec()
+    release = REPO / "node" / "demo_localizer"
+    test = json.loads((release / "evaluation_test.json").read_text())
+    val = json.loads((release / "evaluation_validation.json").read_text())
+    assert test["set"]["seeds"] == list(spec.sets["test"].seeds) and test["spec_version"] == spec.version
+    assert test["n"] >= spec.sets["test"].min_lesions and test["no_voxels"] == 0
+    assert val["set"]["seeds"] == list(spec.sets["validation"].seeds)
+    assert sum(r["n"] for r in test["per_region"].values()) == test["n"]
+    assert sum(c["count"] for c in test["outside_vocabulary_sites"]) == test["outside_vocabulary"]
+    card = (release / "README.md").read_text()
+    assert accuracy_markdown(release, {}) in card
+    readme = (REPO / "README.md").read_text()
+    lo, hi = test["intervals"]["final_top1"]
+    assert f"**{100 * test['final_top1']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]**" in readme
+    assert f"{test['outside_vocabulary']} of the {test['n']:,} test lesions" in readme
+    lo, hi = test["intervals"]["ece"]
+    assert f"{test['reliability']['ece']:.3f} [{lo:.3f}, {hi:.3f}] on the test lesions" in readme
+    assert headline_markdown(test) in card
