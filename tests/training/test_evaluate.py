@@ -54,7 +54,7 @@ def test_known_metrics() -> None:
     assert m["coarse_top1"] == 0.5  # liver, mediastinum
     assert m["coarse_top3"] == 0.75
     assert m["per_region"]["Chest"] == {"n": 2, "final_top1": 0.0, "final_top3": 0.5, "coarse_top1": 0.5,
-                                        "coarse_top3": 0.5}
+                                        "coarse_top3": 0.5, "outside_vocabulary": 0}
     assert m["per_region"]["Abdomen"]["final_top1"] == 1.0
     confusions = {(c["truth"], c["predicted"]): c["count"] for c in m["confusions"]}
     assert confusions == {("Rib R3", "Rib R4"): 1, ("Right upper lobe", "(unmatched)"): 1,

@@ -160,6 +160,11 @@ def balanced_sites(size: str, n: int, rng: np.random.Generator, table: HclalTrut
     return [by_final[keys[int(k)]][int(rng.integers(len(by_final[keys[int(k)]])))] for k in picks]
 
 
+def phantom_study_id(seed: int, size: str, placement: str) -> str:
+    """The study id of a phantom record (known without generating it: evaluations resume by it)."""
+    return f"phantom-{size}-{placement}-{seed}"
+
+
 def phantom_record(seed: int, size: str = "small", *, placement: str = "natural", n_lesions: int | None = None,
                    table: HclalTruthTable | None = None) -> StudyRecord:
     """One phantom study as a :class:`StudyRecord` (SUV, CT, PET-grid lesion labels, GT)."""
@@ -186,7 +191,7 @@ def phantom_record(seed: int, size: str = "small", *, placement: str = "natural"
             lesion_id=f"{seed}:{les.label}", label=les.label, sites=(les.site_id,),
             hclal_locations=truth.finals if truth else (), coarse_keys=truth.coarse_keys if truth else (),
         ))  # fmt: skip
-    return StudyRecord(study_id=f"phantom-{size}-{placement}-{seed}", suv=ph.pet, ct=ph.ct, labels=ph.pet_lesions,
+    return StudyRecord(study_id=phantom_study_id(seed, size, placement), suv=ph.pet, ct=ph.ct, labels=ph.pet_lesions,
                        lesions=lesions, source=f"phantom:seed={seed},size={size},placement={placement},n={n}")
 
 

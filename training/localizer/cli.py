@@ -116,16 +116,62 @@ def calibrate(out: Path, work: Path | None, preset: str, seed: int, device: str,
     click.echo(json.dumps(run.calibrate(), indent=2))
 
 
+def _pct_ci(m: dict, key: str) -> str:
+    ci = m.get("intervals", {}).get(key)
+    return f"{100 * m[key]:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
 @train.command()
 @_options
+@click.option("--spec", "spec_set", default=None, metavar="SET",
+              help="Score the release in OUT on a fixed set of the evaluation spec (`test` or `validation`) "
+                   "instead of the run's split: bootstrap 95 % intervals, per-region counts, lesions outside "
+                   "the vocabulary counted; writes OUT/evaluation_SET.json and WORK/report_SET. Needs no run.")
+@click.option("--spec-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Evaluation spec to read instead of training/localizer/eval_spec.json.")
 def evaluate(out: Path, work: Path | None, preset: str, seed: int, device: str, resume: bool,
-             no_progress: bool, data: Path | None, split: str, init: Path | None, steps: int | None) -> None:
-    """Evaluate OUT on the held-out split (HCL-AL protocol); HTML report in WORK/report."""
+             no_progress: bool, data: Path | None, split: str, init: Path | None, steps: int | None,
+             spec_set: str | None, spec_file: Path | None) -> None:
+    """Evaluate OUT on the held-out split (HCL-AL protocol), or with --spec on a fixed set; HTML report in WORK."""
+    if spec_set is not None:
+        _evaluate_spec(out, work, spec_set, spec_file, device, not no_progress)
+        return
+    if spec_file is not None:
+        raise click.UsageError("--spec-file applies to --spec")
     run = _open(out, work, preset, seed, device, not no_progress, data, split, init, steps)
     m = run.evaluate()
     click.echo(f"final top-1 {m['final_top1']:.3f}  top-3 {m['final_top3']:.3f}  coarse top-1 {m['coarse_top1']:.3f}"
                f"  top-3 {m['coarse_top3']:.3f}  (n={m['n']}, {m['label']})")
     click.echo(f"report: {run.work / 'report' / 'index.html'}")
+
+
+def _evaluate_spec(out: Path, work: Path | None, name: str, spec_file: Path | None, device: str,
+                   progress: bool) -> None:
+    """``evaluate --spec SET``: score an existing release on a set fixed in the evaluation spec."""
+    from training.localizer.heldout import SPEC_PATH, evaluate_release, load_eval_spec
+    from training.localizer.pipeline import default_work_dir
+    from training.localizer.report import write_report
+
+    spec = load_eval_spec(spec_file or SPEC_PATH)
+    if name not in spec.sets:
+        raise click.UsageError(f"--spec {name!r}: the evaluation spec has the sets {', '.join(sorted(spec.sets))}")
+    work = work or default_work_dir(out)
+    click.echo(f"run state: {work}", err=True)
+    m = evaluate_release(out, spec.sets[name], spec, work / f"outcomes_{name}.jsonl", device=device,
+                         progress=progress)
+    (out / f"evaluation_{name}.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+    report = write_report(m, work / f"report_{name}", title=f"Locus localizer evaluation: {m['label']}",
+                          notes=f"Phantom accuracy says nothing about patients. {m['naming']}")
+    click.echo(f"{name} ({m['set']['role']}): {m['n']} lesions of {m['studies']} studies; "
+               f"final top-1 {_pct_ci(m, 'final_top1')}, top-3 {_pct_ci(m, 'final_top3')}; "
+               f"coarse top-1 {_pct_ci(m, 'coarse_top1')}, top-3 {_pct_ci(m, 'coarse_top3')}; "
+               f"ECE {m['reliability']['ece']:.3f} [{m['intervals']['ece'][0]:.3f}, {m['intervals']['ece'][1]:.3f}]")
+    click.echo(f"outside the model vocabulary: {m['outside_vocabulary']} lesions (counted wrong); "
+               f"no voxel on the label grid: {m['no_voxels']}")
+    for region, r in m["per_region"].items():
+        click.echo(f"  {region}: n={r['n']} (outside vocabulary {r['outside_vocabulary']}), "
+                   f"final top-1 {_pct_ci(r, 'final_top1')}")
+    click.echo(f"written: {out / f'evaluation_{name}.json'}; report: {report}")
 
 
 @train.command(name="all")
@@ -144,6 +190,17 @@ def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str,
                            "evaluation": evaluation}))
 
 
+def _spec_evaluations(out: Path, work: Path, device: str) -> None:
+    """Score a fresh release on the spec's validation and test sets (the figures the model card reports)."""
+    from training.localizer.heldout import evaluate_release, load_eval_spec
+
+    spec = load_eval_spec()
+    for name in ("validation", "test"):
+        m = evaluate_release(out, spec.sets[name], spec, work / f"outcomes_{name}.jsonl", device=device,
+                             progress=True)
+        (out / f"evaluation_{name}.json").write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+
+
 @train.command(name="demo-weights")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=REPO_DEMO_DIR, show_default=True)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -151,12 +208,13 @@ def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str,
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--resume", is_flag=True)
 def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: bool) -> None:
-    """Reproduce the shipped demo localizer (node/demo_localizer) from phantom data."""
+    """Reproduce the shipped demo localizer (node/demo_localizer) from phantom data, scored on the spec's sets."""
     from training.localizer.pipeline import Run, default_work_dir, demo_spec, run_all, write_model_card
 
     work = work or default_work_dir(out)
     run = Run.open(out, work, None if (work / "run.json").is_file() else demo_spec(seed), device=device)
     result = run_all(run, resume=resume)
+    _spec_evaluations(out, work, device)
     write_model_card(run, result, f"locus train demo-weights --seed {seed} --device {device}")
     m = result["metrics"]
     click.echo(json.dumps({"timings_s": result["timings_s"], "final_top1": m["final_top1"],

@@ -69,6 +69,12 @@ def _pct(v: float) -> str:
     return "n/a" if v != v else f"{100 * v:.1f}%"
 
 
+def _pct_ci(m: dict[str, Any], key: str) -> str:
+    """``91.2%`` or, when the block has bootstrap intervals, ``91.2% [89.0, 93.1]``."""
+    ci = m.get("intervals", {}).get(key)
+    return _pct(m[key]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
 def write_report(metrics: dict[str, Any], out_dir: str | Path, *, title: str, notes: str = "") -> Path:
     """Write ``metrics.json``, the PNGs and ``index.html`` into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -76,9 +82,16 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, *, title: str, no
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     images = _plots(metrics, out)
     rows = "".join(
-        f"<tr><td>{html.escape(r)}</td><td>{m['n']}</td><td>{_pct(m['final_top1'])}</td><td>{_pct(m['final_top3'])}</td>"
-        f"<td>{_pct(m['coarse_top1'])}</td><td>{_pct(m['coarse_top3'])}</td></tr>"
-        for r, m in [("all", metrics), *metrics["per_region"].items()])
+        f"<tr><td>{html.escape(r)}</td><td>{m['n']}</td><td>{m.get('outside_vocabulary', '')}</td>"
+        + "".join(f"<td>{_pct_ci(m, k)}</td>" for k in ("final_top1", "final_top3", "coarse_top1", "coarse_top3"))
+        + "</tr>"
+        for r, m in [("all", metrics), *(("nameable lesions only", metrics["nameable"]),) * ("nameable" in metrics),
+                     *metrics["per_region"].items()])
+    outside = "".join(f"<li>{html.escape(c['truth'])}: {c['count']}</li>"
+                      for c in metrics.get("outside_vocabulary_sites", []))
+    boot = metrics.get("bootstrap")
+    ci_note = (f"Brackets: {100 * boot['level']:.0f} % percentile intervals, {boot['resamples']} bootstrap resamples "
+               f"of whole studies (seed {boot['seed']})." if boot else "")
     conf = "".join(f"<tr><td>{html.escape(c['truth'])}</td><td>{html.escape(c['predicted'])}</td><td>{c['count']}</td></tr>"
                    for c in metrics["confusions"])
     imgs = "".join(f'<p><img src="{n}" alt="{n}"></p>' for n in images)
@@ -86,8 +99,10 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, *, title: str, no
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style>
 </head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
 <p>Protocol: HCL-AL's (per study, predicted and ground-truth boxes matched by 3-D IoU &gt; 0.5; correct when the
-prediction is one of the acceptable final strings). Unmatched ground-truth lesions: {metrics['unmatched']}.</p>
-<table><tr><th>region</th><th>n</th><th>final top-1</th><th>final top-3</th><th>coarse top-1</th><th>coarse top-3</th></tr>
+prediction is one of the acceptable final strings). Unmatched ground-truth lesions: {metrics['unmatched']}.
+Lesions whose site the model vocabulary cannot name ("outside vocab."; counted wrong):
+{metrics.get('outside_vocabulary', 'not counted')}. {ci_note}</p><ul>{outside}</ul>
+<table><tr><th>region</th><th>n</th><th>outside vocab.</th><th>final top-1</th><th>final top-3</th><th>coarse top-1</th><th>coarse top-3</th></tr>
 {rows}</table><h2>Most frequent errors</h2><table><tr><th>truth</th><th>predicted</th><th>n</th></tr>{conf}</table>
 <h2>Plots</h2>{imgs}</body></html>
 """
