@@ -28,7 +28,7 @@ from node.db import repo
 from node.logging import log_context
 from node.storage import write_file_atomic
 from node.tasks.testhooks import pause_after_claim
-from pipelines.analysis import AnalysisOptions, StudyEncoderLike, analyse_study
+from pipelines.analysis import StudyEncoderLike, analyse_study
 from pipelines.errors import LocusError, TransientError
 
 if TYPE_CHECKING:
@@ -78,14 +78,14 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
         try:
             # Models load inside the try: a missing or mismatched checkpoint fails the version
             # with the model's reason (ModelError code) instead of leaving it "analysing".
-            options = AnalysisOptions(
-                lesion_mode=ctx.settings.analysis.lesion_mode,
+            from node.analysis_options import build_analysis_options
+
+            options = build_analysis_options(
+                ctx,
                 study_version=version.version,
                 predecessor=predecessor,
                 # Pinned to the version's completion time so a re-run re-creates the same bytes.
                 content_datetime=version.ready_at.replace(tzinfo=None),
-                localizer=_localizer(ctx),
-                study_encoder=_study_encoder(ctx),
             )
             result = analyse_study(paths, options)
         except TransientError:

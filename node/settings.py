@@ -297,6 +297,9 @@ class ModelsSettings(_Section):
     study_encoder_thresholds: dict[str, float] = Field(default_factory=dict)
     study_encoder_max_chest_extent_mm: float = Field(default=400.0, gt=0)  # longer CTs: lung-centred crop
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # Verified on-disk cache of the localizer's candidate-text features (a warm start skips
+    # encoding 327 texts); default <storage.data_dir>/cache/text-features; relative = under models.dir.
+    text_cache_dir: Path | None = None
 
     def resolve(self, path: Path | None) -> Path | None:
         if path is None:
