@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from node.db import Database, Session, open_database, repo
-from node.presentation import wide_console
+from node.presentation import no_report_reason, wide_console
 from node.settings import LocusSettings
 
 
@@ -174,7 +174,8 @@ def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
             format_when(v["ready_at"]),
             str(v["instances"]),
             a.get("status", "—"),
-            " ".join(x for x in (a.get("reason_code"), a.get("reason")) if x) or "—",
+            " ".join(x for x in (a.get("reason_code"), a.get("reason")) if x)
+            or escape(no_report_reason(a.get("result")) or "—"),
         )
     console.print(versions)
     if lesion_rows:

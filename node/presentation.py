@@ -24,6 +24,28 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+#: Result flags that mean "analysed, but no report": shown wherever the outcome is shown.
+NO_REPORT_FLAGS = ("no_seg", "no_lesions")
+
+
+def no_report_reason(result: dict[str, Any] | None) -> str | None:
+    """Why an analysed study has no report (e.g. ``no_seg: …``), or None when it has one or failed."""
+    for flag in (result or {}).get("flags") or []:
+        if flag.get("code") in NO_REPORT_FLAGS:
+            return f"{flag['code']}: {flag.get('message', '')}"
+    return None
+
+
+def lesion_site(les: dict[str, Any]) -> str:
+    """The site shown for a lesion: the localizer's, else the SEG's own region (marked), else "-"."""
+    loc = les.get("localization") or {}
+    site = (loc.get("site") or {}).get("name") or loc.get("final_label")
+    if site:
+        return str(site)
+    regions = [r.get("meaning") for r in les.get("seg_anatomic_regions") or [] if r.get("meaning")]
+    return f"{', '.join(regions)} (from the SEG)" if regions else "-"
+
+
 def print_lesion_table(result: dict[str, Any], console: Console | None = None) -> None:
     """Print the lesions of an ``AnalysisResult.to_json()`` plus its flags."""
     console = console or wide_console()
@@ -35,8 +57,7 @@ def print_lesion_table(result: dict[str, Any], console: Console | None = None) -
         table.add_column(col)
     for les in result.get("lesions") or []:
         m = les["measurements"]
-        loc = les.get("localization") or {}
-        site = (loc.get("site") or {}).get("name") or loc.get("final_label") or "-"
+        site = lesion_site(les)
         table.add_row(
             # SEG labels come from the sender: escaped so brackets are shown, not read as markup
             les["lesion_id"], str(les["segment_number"]), escape(les.get("segment_label") or ""),
@@ -44,5 +65,8 @@ def print_lesion_table(result: dict[str, Any], console: Console | None = None) -
             _fmt(m.get("tlg")), _fmt(m.get("ct_mean_hu"), 1), escape(site),
         )
     console.print(table)
+    reason = no_report_reason(result)
+    if reason is not None:
+        console.print(f"[bold]no report[/bold]: {escape(reason)}")
     for flag in result.get("flags") or []:
         console.print(f"[yellow]{escape(flag['code'])}[/yellow]: {escape(flag['message'])}")
