@@ -135,11 +135,8 @@ def study_encoder_config(settings: LocusSettings) -> StudyEncoderConfig | None:
     checkpoint = cfg.resolve(cfg.study_encoder_checkpoint)
     if checkpoint is None:
         return None
+    # No text directory: embeddings only (zero-shot findings need the text tower; the encoder flags that).
     text_dir = cfg.resolve(cfg.study_encoder_text_dir)
-    if text_dir is None:
-        raise ModelError("models.study_encoder_checkpoint is set but models.study_encoder_text_dir is not "
-                         "(the BERT config and tokenizer directory the text tower is built from)",
-                         code="config_invalid")  # fmt: skip
     return StudyEncoderConfig(
         checkpoint=checkpoint, text_dir=text_dir, model_name=cfg.study_encoder_model, model_id=cfg.study_encoder_id,
         prompt_set=cfg.study_encoder_prompt_set, thresholds=dict(sorted(cfg.study_encoder_thresholds.items())),

@@ -131,8 +131,7 @@ def test_node_encoder_misconfiguration_is_a_model_error(tiny_dirs: dict[str, Pat
     from node.tasks.context import build_context
     from pipelines.errors import ModelError
 
-    for models, code in (({"study_encoder_text_dir": None}, "config_invalid"),
-                         ({"study_encoder_checkpoint": "missing.pt"}, "checkpoint_missing"),
+    for models, code in (({"study_encoder_checkpoint": "missing.pt"}, "checkpoint_missing"),
                          ({"study_encoder_sha256": "0" * 64}, "model_hash_mismatch"),
                          ({"study_encoder_thresholds": {"not_a_finding": 0.5}}, "threshold_config")):  # fmt: skip
         ctx = build_context(_node_settings(tiny_dirs, tmp_path / code, **models))
