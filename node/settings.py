@@ -285,10 +285,10 @@ class ModelsSettings(_Section):
     localizer_id: str | None = None  # registry model_id of the HCL-AL-compatible localizer
     localizer_checkpoint: Path | None = None
     # HLIP-compatible study encoder (hlip-compat.md): unset checkpoint = no study embedding.
-    study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<sha256[:12]>"
+    study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<visual weights hash[:12]>"
     study_encoder_checkpoint: Path | None = None  # .pt (training dict / state dict) or .safetensors
     study_encoder_sha256: str = ""  # pin: refuse a checkpoint whose sha256 differs ("" = record only)
-    study_encoder_text_dir: Path | None = None  # local BERT dir: config.json + vocab.txt/tokenizer.json
+    study_encoder_text_dir: Path | None = None  # local BERT dir (config.json + vocab.txt); None = embeddings only
     study_encoder_model: str = "vit_base_singlescan_h2_token2744"  # open_clip config name
     study_encoder_config_dir: Path | None = None  # extra open_clip model configs (site variants)
     study_encoder_prompt_set: str = "ct_rate_hlip_v1"  # library/prompts/<name>.json

@@ -104,3 +104,24 @@ def test_models_are_loaded_at_worker_start(release_dir: Path, tmp_path: Path) ->
 def test_a_model_that_fails_at_start_does_not_stop_the_worker(tmp_path: Path) -> None:
     settings = _settings(tmp_path, models={"localizer_checkpoint": str(tmp_path / "missing")})
     assert preload_models(ModelCache(settings)) == []
+
+
+def test_prefork_child_preloads_on_worker_process_init(release_dir: Path, tmp_path: Path) -> None:
+    import time
+
+    from celery.signals import worker_process_init
+
+    from node.tasks import context as tc
+
+    settings = _settings(tmp_path, models={"localizer_checkpoint": str(release_dir), "device": "cpu"})
+    ctx = tc.build_context(settings)
+    previous = tc._context
+    tc.install_context(ctx)
+    try:
+        worker_process_init.send(sender=None)  # what Celery sends in each new prefork child
+        deadline = time.monotonic() + 300
+        while not any(k.startswith("localizer:") for k in ctx._models) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any(k.startswith("localizer:") for k in ctx._models)
+    finally:
+        tc._context = previous
