@@ -192,7 +192,12 @@ def worker(ctx: click.Context, queues: str, concurrency: int) -> None:
     from node.tasks.context import build_context, install_context
 
     settings = settings_of(ctx)
-    install_context(build_context(settings))
+    wctx = build_context(settings)
+    install_context(wctx)
+    if concurrency == 1 and "gpu" in queues.split(","):  # solo pool: this process runs the analyses
+        from node.models import start_preload  # prefork children preload in worker_process_init
+
+        start_preload(wctx)
     app = configure_app(settings.broker)
     app.worker_main([
         "worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork" if concurrency > 1 else "solo",
@@ -203,17 +208,29 @@ def worker(ctx: click.Context, queues: str, concurrency: int) -> None:
 # -- offline analysis ---------------------------------------------------------------------
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--lesions", "lesion_mode", type=click.Choice(["segments", "components"]), default="segments",
-              show_default=True, help="One lesion per SEG segment, or per 26-connected component.")
+@click.option("--lesions", "lesion_mode", type=click.Choice(["segments", "components"]), default=None,
+              help="One lesion per SEG segment, or per 26-connected component (default: analysis.lesion_mode).")
 @click.option("--sr", "sr_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the TID 1500 SR here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def analyse(paths: tuple[Path, ...], lesion_mode: str, sr_out: Path | None, as_json: bool) -> None:
-    """Analyse one study's instances (files or folders) offline, without a network."""
-    from pipelines.analysis import AnalysisOptions, analyse_study
+@click.pass_context
+def analyse(ctx: click.Context, paths: tuple[Path, ...], lesion_mode: str | None, sr_out: Path | None,
+            as_json: bool) -> None:  # fmt: skip
+    """Analyse one study's instances (files or folders) offline, as the node's worker would.
+
+    Uses the configured models, or the shipped demo localizer when none is configured
+    (the first lines on stderr say which).
+    """
+    from node.analysis_options import offline_analysis_options, model_sources
+    from pipelines.analysis import analyse_study
     from pipelines.errors import LocusError
 
+    settings = settings_of(ctx)
+    for source in model_sources(settings, allow_shipped=True)[1]:
+        click.echo(source.describe(), err=True)
     try:
-        result = analyse_study(list(paths), AnalysisOptions(lesion_mode=lesion_mode))  # type: ignore[arg-type]
+        options, _ = offline_analysis_options(settings, lesion_mode=lesion_mode,
+                                              progress=lambda msg: click.echo(msg, err=True))
+        result = analyse_study(list(paths), options)
     except LocusError as exc:
         click.echo(f"error ({exc.code}): {exc.reason}", err=True)
         sys.exit(2)

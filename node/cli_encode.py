@@ -8,6 +8,13 @@ preprocessed grid, in patient coordinates, for review beside the CT in any NIfTI
 
 The CT series is the one with the most slices among the CT image series found under PATH
 (a PET is not needed); which one was used is printed.
+
+PATH may instead be one CT volume as NIfTI (``.nii``/``.nii.gz``, e.g. a CT-RATE volume),
+read with SimpleITK as the published HLIP loader does (hlip-compat.md §9): values become HU
+as ``stored × slope + intercept`` with ``--rescale SLOPE INTERCEPT`` (CT-RATE's metadata
+``RescaleSlope``/``RescaleIntercept``; default: the values are already HU, after NIfTI's own
+``scl_slope``/``scl_inter``), and the voxel spacing comes from ``--xy-spacing``/``--z-spacing``
+(CT-RATE's ``XYSpacing``/``ZSpacing``) when given, else from the NIfTI header.
 """
 
 from __future__ import annotations
@@ -41,6 +48,50 @@ def _ct_series(paths: tuple[Path, ...]) -> list:  # type: ignore[type-arg]
     return max(series.values(), key=len)
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_ct(path: Path, *, rescale: tuple[float, float] | None = None, xy_spacing: float | None = None,
+             z_spacing: float | None = None) -> tuple[object, list[str]]:  # fmt: skip
+    """A CT Volume (HU) from a NIfTI file, with the published loader's HU and spacing rules; plus notes.
+
+    Why the options: CT-RATE volumes store raw values and carry the rescale and spacing in a
+    metadata table, which the published loader applies instead of trusting the header.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from pipelines.dicom.volume import Volume
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise click.ClickException(f"{path.name} is not a readable NIfTI image: {str(exc).strip()[:200]}") from exc
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise click.ClickException(f"{path.name} is not a single-channel 3-D volume")
+    notes = []
+    spacing = list(img.GetSpacing())
+    if xy_spacing is not None or z_spacing is not None:
+        spacing = [xy_spacing or spacing[0], xy_spacing or spacing[1], z_spacing or spacing[2]]
+        if min(spacing) <= 0:
+            raise click.ClickException("--xy-spacing and --z-spacing must be positive")
+        img.SetSpacing(spacing)
+        notes.append(f"spacing (x, y, z) {spacing[0]:g}, {spacing[1]:g}, {spacing[2]:g} mm from the command line")
+    volume = Volume.from_sitk(img, modality="CT", series_instance_uid="")
+    arr = volume.array.astype(np.float32)
+    if rescale is not None:
+        arr = arr * np.float32(rescale[0]) + np.float32(rescale[1])
+        notes.append(f"HU = stored x {rescale[0]:g} + {rescale[1]:g} (--rescale)")
+    elif arr.size and float(arr.min()) >= 0.0:
+        notes.append("warning: no value below 0: these look like stored values, not HU; pass --rescale SLOPE "
+                     "INTERCEPT (e.g. CT-RATE's RescaleSlope and RescaleIntercept)")  # fmt: skip
+    return volume.with_array(arr), notes
+
+
 @click.command("encode-study")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--relevance", "finding_id", default=None,
@@ -48,9 +99,14 @@ def _ct_series(paths: tuple[Path, ...]) -> list:  # type: ignore[type-arg]
 @click.option("--nifti", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the relevance map here (.nii.gz); needs --relevance.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (the embedding included).")
+@click.option("--rescale", type=(float, float), default=None, metavar="SLOPE INTERCEPT",
+              help="NIfTI input: HU = stored x SLOPE + INTERCEPT (default: values are HU).")
+@click.option("--xy-spacing", type=float, default=None, help="NIfTI input: in-plane spacing in mm (default: header).")
+@click.option("--z-spacing", type=float, default=None, help="NIfTI input: slice spacing in mm (default: header).")
 @click.pass_context
 def encode_study(ctx: click.Context, paths: tuple[Path, ...], finding_id: str | None, nifti: Path | None,
-                 as_json: bool) -> None:  # fmt: skip
+                 as_json: bool, rescale: tuple[float, float] | None, xy_spacing: float | None,
+                 z_spacing: float | None) -> None:  # fmt: skip
     """Encode a study's chest CT with the configured HLIP encoder; optionally map a finding's relevance."""
     from node.models import study_encoder_config
     from pipelines.dicom.series import build_volume_report
@@ -68,9 +124,23 @@ def encode_study(ctx: click.Context, paths: tuple[Path, ...], finding_id: str | 
         if config is None:
             raise click.ClickException("no study encoder configured: set models.study_encoder_checkpoint and "
                                        "models.study_encoder_text_dir (LOCUS_MODELS__STUDY_ENCODER_*)")  # fmt: skip
-        headers = _ct_series(paths)
-        ct = build_volume_report(headers).volume
-        body_part = str(headers[0].get("BodyPartExamined", "") or "").strip() or None
+        niftis = [p for p in paths if is_nifti(p)]
+        notes: list[str] = []
+        if niftis:
+            if len(paths) != 1:
+                raise click.UsageError("give one NIfTI CT volume, or DICOM files and folders, not both")
+            ct, notes = nifti_ct(niftis[0], rescale=rescale, xy_spacing=xy_spacing, z_spacing=z_spacing)
+            for note in notes:  # before encoding, so a refusal that follows is explained
+                click.echo(note, err=True)
+            headers: list = []  # type: ignore[type-arg]
+            body_part = None
+        else:
+            if rescale is not None or xy_spacing is not None or z_spacing is not None:
+                raise click.UsageError("--rescale, --xy-spacing and --z-spacing apply to NIfTI input only "
+                                       "(DICOM carries its own rescale and spacing)")  # fmt: skip
+            headers = _ct_series(paths)
+            ct = build_volume_report(headers).volume
+            body_part = str(headers[0].get("BodyPartExamined", "") or "").strip() or None
         encoder = StudyEncoder(config)
         encoding = encoder.encode(ct, body_part_examined=body_part)
         rmap = None
@@ -82,7 +152,7 @@ def encode_study(ctx: click.Context, paths: tuple[Path, ...], finding_id: str | 
 
     if as_json:
         out = {"series_instance_uid": ct.series_instance_uid, "encoding": asdict(encoding),
-               "timings_s": encoder.last_timings}  # fmt: skip
+               "timings_s": encoder.last_timings, "input_notes": notes}  # fmt: skip
         if rmap is not None:
             out["relevance"] = {"finding_id": rmap.finding_id, "finding": rmap.finding, "nifti": str(nifti),
                                 "logit_difference": rmap.logit_difference, "score": rmap.score,
@@ -90,7 +160,8 @@ def encode_study(ctx: click.Context, paths: tuple[Path, ...], finding_id: str | 
         click.echo(json.dumps(out, indent=2))
         return
     m = encoding.model
-    click.echo(f"CT series {ct.series_instance_uid} ({len(headers)} slices)")
+    click.echo(f"CT series {ct.series_instance_uid} ({len(headers)} slices)" if headers
+               else f"CT volume {niftis[0].name} ({ct.array.shape[0]} slices)")
     click.echo(f"model {m.model_id}  {m.name}  weights sha256 {m.sha256[:16]}…")
     click.echo(f"preprocessing {encoding.preprocessing_version}  prompts {encoding.prompt_set_version}  "
                f"embedding {len(encoding.embedding)}-d")  # fmt: skip

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from node.db import Database, Session, open_database, repo
 from node.db.models import StudyStatus
-from node.presentation import LesionView, plural, print_lesions, print_table, wide_console
+from node.presentation import LesionView, no_report_reason, plural, print_lesions, print_table, wide_console
 from node.settings import LocusSettings
 
 
@@ -169,7 +169,8 @@ def show(ctx: click.Context, study_uid: str, as_json: bool) -> None:
             format_when(v["ready_at"]),
             str(v["instances"]),
             a.get("status", "—"),
-            escape(" ".join(x for x in (a.get("reason_code"), a.get("reason")) if x) or "—"),
+            escape(" ".join(x for x in (a.get("reason_code"), a.get("reason")) if x)
+                   or no_report_reason(a.get("result")) or "—"),
         ])
     print_table(console, "Versions", ("Version", "State", "Rule", "Ready", "Instances", "Analysis", "Reason"),
                 version_rows)

@@ -30,7 +30,7 @@ from node.lease import LeaseKeeper
 from node.logging import log_context
 from node.storage import write_file_atomic
 from node.tasks.testhooks import pause_after_claim
-from pipelines.analysis import AnalysisOptions, StudyEncoderLike, analyse_study
+from pipelines.analysis import analyse_study
 from pipelines.errors import LocusError, TransientError
 
 if TYPE_CHECKING:
@@ -137,15 +137,14 @@ def _analyse_claimed(
     paths = [ctx.spool.path(i.path) for i in instances]
     # Models load inside the caller's try: a missing or mismatched checkpoint fails the version
     # with the model's reason (ModelError code) instead of leaving it "analysing".
-    options = AnalysisOptions(
-        lesion_mode=ctx.settings.analysis.lesion_mode,
+    from node.analysis_options import build_analysis_options
+
+    options = build_analysis_options(
+        ctx,
         study_version=version.version,
         predecessor=predecessor,
         # Pinned to the version's completion time so a re-run re-creates the same bytes.
         content_datetime=version.ready_at.replace(tzinfo=None),
-        localizer=_localizer(ctx),
-        study_encoder=_study_encoder(ctx),
-        uid_prefix=f"{ctx.settings.analysis.uid_root}." if ctx.settings.analysis.uid_root else None,
     )
     result = analyse_study(paths, options)
     # A worker that lost its lease writes nothing (best effort here; the store itself is fenced).
@@ -202,20 +201,6 @@ def _ring_exports(export_ids: list[int]) -> None:
         from node.tasks.tasks import export_pass
 
         export_pass.apply_async()
-
-
-def _localizer(ctx: WorkerContext) -> object | None:
-    """The configured anatomical localizer, loaded once per process (None if not configured)."""
-    from node.models import load_localizer
-
-    return load_localizer(ctx)
-
-
-def _study_encoder(ctx: WorkerContext) -> StudyEncoderLike | None:
-    """The configured HLIP study encoder, loaded once per process (None if not configured)."""
-    from node.models import load_study_encoder
-
-    return load_study_encoder(ctx)
 
 
 def run_export_pass(ctx: WorkerContext) -> tuple[int, float | None]:

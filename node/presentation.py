@@ -73,11 +73,10 @@ def lesion_views_from_result(result: dict[str, Any]) -> list[LesionView]:
     views = []
     for les in result.get("lesions") or []:
         m = les.get("measurements") or {}
-        loc = les.get("localization") or {}
-        site = (loc.get("site") or {}).get("name") or loc.get("final_label")
+        site = lesion_site(les)
         views.append(LesionView(
             lesion_id=str(les["lesion_id"]), segment=les.get("segment_number"), label=les.get("segment_label") or "",
-            site=site, suv_max=m.get("suv_max"), suv_mean=m.get("suv_mean"), suv_peak=m.get("suv_peak"),
+            site=None if site == "-" else site, suv_max=m.get("suv_max"), suv_mean=m.get("suv_mean"), suv_peak=m.get("suv_peak"),
             suv_unit=m.get("suv_unit") or unit, volume_ml=m.get("volume_ml"), tlg=m.get("tlg"),
             ct_mean_hu=m.get("ct_mean_hu"),
         ))
@@ -180,10 +179,35 @@ def print_table(console: Console, title: str, headers: Sequence[str], rows: Sequ
             console.print(line)
 
 
+#: Result flags that mean "analysed, but no report": shown wherever the outcome is shown.
+NO_REPORT_FLAGS = ("no_seg", "no_lesions")
+
+
+def no_report_reason(result: dict[str, Any] | None) -> str | None:
+    """Why an analysed study has no report (e.g. ``no_seg: …``), or None when it has one or failed."""
+    for flag in (result or {}).get("flags") or []:
+        if flag.get("code") in NO_REPORT_FLAGS:
+            return f"{flag['code']}: {flag.get('message', '')}"
+    return None
+
+
+def lesion_site(les: dict[str, Any]) -> str:
+    """The site shown for a lesion: the localizer's, else the SEG's own region (marked), else "-"."""
+    loc = les.get("localization") or {}
+    site = (loc.get("site") or {}).get("name") or loc.get("final_label")
+    if site:
+        return str(site)
+    regions = [r.get("meaning") for r in les.get("seg_anatomic_regions") or [] if r.get("meaning")]
+    return f"{', '.join(regions)} (from the SEG)" if regions else "-"
+
+
 def print_lesion_table(result: dict[str, Any], console: Console | None = None) -> None:
     """Print the lesions of an ``AnalysisResult.to_json()`` plus its flags."""
     console = console or wide_console()
     views = lesion_views_from_result(result)
     print_lesions(views, console, title=f"Study {result.get('study_instance_uid')}: {plural(len(views), 'lesion')}")
+    reason = no_report_reason(result)
+    if reason is not None:
+        console.print(f"[bold]no report[/bold]: {escape(reason)}")
     for flag in result.get("flags") or []:
         console.print(f"[yellow]{escape(flag['code'])}[/yellow]: {escape(flag['message'])}")

@@ -190,6 +190,10 @@ def start_node(settings: LocusSettings, *, analysis_worker: bool = True, io_work
     listener = start_listener(settings, ctx.db, ctx.spool)
     node = RunningNode(ctx=ctx, listener=listener)
     queues = ([GPU_QUEUE] if analysis_worker else []) + ([IO_QUEUE] if io_worker else [])
+    if analysis_worker:  # models load now, in the background, not on the first study
+        from node.models import start_preload
+
+        start_preload(ctx)
     if queues:
         node.worker, wthread = start_worker_thread(queues, concurrency=1 + int(io_worker and analysis_worker))
         node.threads.append(wthread)

@@ -335,10 +335,10 @@ class ModelsSettings(_Section):
     localizer_id: str | None = None  # registry model_id of the HCL-AL-compatible localizer
     localizer_checkpoint: Path | None = None
     # HLIP-compatible study encoder (hlip-compat.md): unset checkpoint = no study embedding.
-    study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<sha256[:12]>"
+    study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<visual weights hash[:12]>"
     study_encoder_checkpoint: Path | None = None  # .pt (training dict / state dict) or .safetensors
     study_encoder_sha256: str = ""  # pin: refuse a checkpoint whose sha256 differs ("" = record only)
-    study_encoder_text_dir: Path | None = None  # local BERT dir: config.json + vocab.txt/tokenizer.json
+    study_encoder_text_dir: Path | None = None  # local BERT dir (config.json + vocab.txt); None = embeddings only
     study_encoder_model: str = "vit_base_singlescan_h2_token2744"  # open_clip config name
     study_encoder_config_dir: Path | None = None  # extra open_clip model configs (site variants)
     study_encoder_prompt_set: str = "ct_rate_hlip_v1"  # library/prompts/<name>.json
@@ -347,6 +347,9 @@ class ModelsSettings(_Section):
     study_encoder_thresholds: dict[str, float] = Field(default_factory=dict)
     study_encoder_max_chest_extent_mm: float = Field(default=400.0, gt=0)  # longer CTs: lung-centred crop
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # Verified on-disk cache of the localizer's candidate-text features (a warm start skips
+    # encoding 327 texts); default <storage.data_dir>/cache/text-features; relative = under models.dir.
+    text_cache_dir: Path | None = None
 
     def resolve(self, path: Path | None) -> Path | None:
         if path is None:

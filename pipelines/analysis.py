@@ -172,13 +172,21 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
         if not result.lesions:
             result.flags.append(Flag("no_lesions", "the SEG objects hold no non-empty segment"))
 
-    if opts.localizer is not None and result.lesions:
+    if opts.localizer is not None and result.lesions and ct is None:
+        # The localizer's first input channel is CT (hcl-al-compat.md §2): say that, not "no localizer".
+        why = "the study has no CT, which the anatomical localizer needs (its first input channel)"
+        result.flags.append(Flag("location_not_assessed", f"lesions not localized: {why}"))
+        result.lesions = [replace(les, flags=(*les.flags, Flag("location_no_ct", f"not localized: {why}")))
+                          for les in result.lesions]  # fmt: skip
+    elif opts.localizer is not None and result.lesions:
         with timer.stage("localize"):
             locs = opts.localizer.localize_lesions(ct=ct, suv=suv_volume, lesions=result.lesions, segs=segs)
             result.lesions = [replace(les, localization=loc) for les, loc in zip(result.lesions, locs, strict=True)]
-            result.models.extend(opts.localizer.models)
+            if any(loc is not None for loc in locs):  # a model that produced nothing is not a contributor
+                result.models.extend(opts.localizer.models)
     elif result.lesions:
         result.flags.append(Flag("location_not_assessed", "no anatomical localizer configured"))
+    result.lesions = _with_seg_regions(result.lesions, segs)
 
     if opts.study_encoder is not None:
         _encode_study(opts.study_encoder, ct, inv.ct_headers or [], result, timer)
@@ -244,6 +252,14 @@ def _encode_study(encoder: StudyEncoderLike, ct: Volume | None, ct_headers: Sequ
     result.study_encoding = encoding
     if all(m.model_id != encoding.model.model_id for m in result.models):
         result.models.append(encoding.model)
+
+
+def _with_seg_regions(lesions: Sequence[Lesion], segs: Sequence[SegObject]) -> list[Lesion]:
+    """Attach each unlocalized lesion's SEG Anatomic Region Sequence (the sender's own coding)."""
+    regions = {(seg.sop_instance_uid, info.number): info.anatomic_regions for seg in segs for info in seg.segments}
+    return [les if les.localization is not None or not regions.get((les.seg_sop_instance_uid, les.segment_number))
+            else replace(les, seg_anatomic_regions=regions[(les.seg_sop_instance_uid, les.segment_number)])
+            for les in lesions]  # fmt: skip
 
 
 def _full_dataset(ds: Dataset) -> Dataset:

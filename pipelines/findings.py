@@ -171,6 +171,9 @@ class Lesion:
     frame_of_reference_uid: str
     localization: Localization | None = None
     flags: tuple[Flag, ...] = ()
+    # The SEG segment's own Anatomic Region Sequence (PS3.3 C.8.20.2): the sender's coding,
+    # written as Finding Site only when Locus did not localize the lesion itself.
+    seg_anatomic_regions: tuple[CodedValue, ...] = ()
 
 
 @dataclass(frozen=True)

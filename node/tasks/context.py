@@ -1,10 +1,12 @@
 """Per-process worker context: settings, database, spool and lazily loaded models.
 
-Celery's ``worker_process_init`` must finish within seconds, far too short to load a
-checkpoint, so models are loaded on first use and cached per process keyed by their
-weights hash (style.md lesson 6). The context is built once per process from the
-environment (``LOCUS_*``), or installed explicitly by ``locus serve`` for its
-in-process worker.
+Models are cached per process.  A worker loads the configured ones when it starts, not on
+its first task: Celery's ``worker_process_init`` (prefork children) must return within
+seconds, far too short for a checkpoint, so it starts :func:`node.models.start_preload`
+in a thread, and a task arriving meanwhile waits on the cache's lock.  ``locus serve``
+(in-process worker) and ``locus worker`` with the solo pool start the same preload.  The
+context is built once per process from the environment (``LOCUS_*``), or installed
+explicitly by ``locus serve`` for its in-process worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+from celery.signals import worker_process_init
 
 from node.db import open_database
 from node.db.base import Database
@@ -61,3 +65,11 @@ def get_context() -> WorkerContext:
         if _context is None:
             _context = build_context(LocusSettings())
         return _context
+
+
+@worker_process_init.connect
+def _preload_in_child(**_: Any) -> None:
+    """Prefork child started: load the configured models in the background (see module docstring)."""
+    from node.models import start_preload
+
+    start_preload(get_context())

@@ -118,25 +118,38 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
 
 
-def _expand(items: Iterable[str | Path | Dataset]) -> Iterable[str | Path | Dataset]:
+#: Files a study folder may hold beside its instances (its README, notes, OS metadata). Found
+#: while walking a folder and not DICOM, they are skipped without an "ignored instance" note.
+_FOLDER_DOCS = (".md", ".txt", ".rst", ".json", ".csv", ".pdf", ".html")
+
+
+def _is_folder_doc(path: Path) -> bool:
+    return path.suffix.lower() in _FOLDER_DOCS or path.name.upper().startswith("README") or path.name.startswith(".")
+
+
+def _expand(items: Iterable[str | Path | Dataset]) -> Iterable[tuple[str | Path | Dataset, bool]]:
+    """Each item with whether it was found by walking a folder (rather than named by the caller)."""
     for item in items:
         if isinstance(item, Dataset):
-            yield item
+            yield item, False
         elif Path(item).is_dir():
-            yield from sorted(p for p in Path(item).rglob("*") if p.is_file())
+            yield from ((p, True) for p in sorted(p for p in Path(item).rglob("*") if p.is_file()))
         else:
-            yield item
+            yield item, False
 
 
 def _read(items: Iterable[str | Path | Dataset], ignored: list[IgnoredItem]) -> list[Dataset]:
     out: list[Dataset] = []
-    for item in _expand(items):
+    for item, walked in _expand(items):
         if isinstance(item, Dataset):
             out.append(item)
             continue
         try:
             out.append(pydicom.dcmread(str(item), stop_before_pixels=True))
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            if walked and _is_folder_doc(Path(item)):
+                log.debug("skipped %s: a document beside the study's instances, not DICOM", Path(item).name)
+                continue
             ignored.append(IgnoredItem(str(item), "not_dicom", f"not a readable DICOM file: {exc}"))
     return out
 

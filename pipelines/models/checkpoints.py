@@ -102,6 +102,9 @@ class HclalCheckpoint:
     epoch: int | None = None
     batch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other metadata keys, verbatim
+    #: :func:`state_dict_sha256` of ``state_dict``: the same for the plain and the encrypted copy
+    #: of one network, so it (not ``sha256``) identifies the model.
+    content_sha256: str = ""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -114,6 +117,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+#: Prefix of the canonical weights hash; bump if the canonical form ever changes.
+STATE_DICT_HASH_FORMAT = b"locus-state-dict-sha256-v1\n"
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Canonical SHA-256 of a network's weights content, independent of how the file stores them.
+
+    Why: the same network saved plain, "uAI_model"-encrypted, as ``.pt`` or ``.safetensors``
+    has different file bytes but is the same model; results must name the model, not the
+    file.  Hashed per tensor in sorted name order: name, dtype, shape, then the raw
+    C-contiguous little-endian bytes of the values.
+    """
+    h = hashlib.sha256(STATE_DICT_HASH_FORMAT)
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        h.update(f"{name}\0{dtype}\0{','.join(str(n) for n in t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -273,16 +297,18 @@ def load_checkpoint(path: str | Path, *, key: bytes = UAI_DEFAULT_KEY) -> HclalC
         "lesion_idx", "max_stride", "sample_method", "epoch", "batch",
     }  # fmt: skip
     extra = {k: v for k, v in state.items() if k not in known}
+    stripped = strip_module_prefix(sd)
     ckpt = HclalCheckpoint(
         path=str(p),
         sha256=digest,
         encrypted=encrypted,
         net=str(state["net"]),
         preprocessing=parse_preprocessing(state),
-        state_dict=strip_module_prefix(sd),
+        state_dict=stripped,
         epoch=int(state["epoch"]) if state.get("epoch") is not None else None,
         batch=int(state["batch"]) if state.get("batch") is not None else None,
         extra=extra,
+        content_sha256=state_dict_sha256(stripped),
     )
     log.info(
         "loaded HCL-AL checkpoint %s net=%s sha256=%s encrypted=%s crop=%s spacing=%s",

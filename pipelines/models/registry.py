@@ -58,11 +58,19 @@ class LocalizerSpec:
     nets: tuple[str, str] = ("", "")
     preprocessing: dict[str, Any] = field(default_factory=dict)  # {"coarse": {...}, "fine": {...}}
     implementation: str = LOCALIZER_IMPLEMENTATION
+    #: (coarse, fine) :func:`~pipelines.models.checkpoints.state_dict_sha256` of the loaded weights.
+    weights_content: tuple[str, str] = ("", "")
 
     @property
     def weights_sha256(self) -> str:
-        """One digest for the pair of weight files (``ModelInfo.sha256``)."""
-        return hashlib.sha256(f"{self.coarse.sha256}\n{self.fine.sha256}\n".encode()).hexdigest()
+        """One digest for the pair of networks (``ModelInfo.sha256``).
+
+        From the weights content once loaded (plain and encrypted copies of one network give
+        the same digest, so the same model id and Device Observer UID); from the file hashes
+        for an entry that has not been loaded.
+        """
+        coarse, fine = self.weights_content if all(self.weights_content) else (self.coarse.sha256, self.fine.sha256)
+        return hashlib.sha256(f"{coarse}\n{fine}\n".encode()).hexdigest()
 
     @property
     def library_sha256(self) -> str:
@@ -87,6 +95,7 @@ class LocalizerSpec:
             "nets": list(self.nets),
             "preprocessing": self.preprocessing,
             "implementation": self.implementation,
+            **({"weights_content_sha256": list(self.weights_content)} if all(self.weights_content) else {}),
         }
 
     @classmethod
@@ -108,12 +117,16 @@ class LocalizerSpec:
                 nets=tuple(data.get("nets", ("", ""))),  # type: ignore[arg-type]
                 preprocessing=dict(data.get("preprocessing", {})),
                 implementation=str(data.get("implementation", LOCALIZER_IMPLEMENTATION)),
+                weights_content=tuple(data.get("weights_content_sha256", ("", ""))),  # type: ignore[arg-type]
             )
         except (KeyError, TypeError) as exc:
             raise ModelError(f"malformed localizer registry entry: missing {exc}", code="registry_invalid") from exc
 
 
 def default_model_id(coarse_sha256: str, fine_sha256: str) -> str:
+    """``hclal-`` + 12 hex digits of the pair's digest; pass the weights-content hashes
+    (:func:`~pipelines.models.checkpoints.state_dict_sha256`) so a re-saved or encrypted copy
+    of the same networks keeps its id."""
     combined = hashlib.sha256(f"{coarse_sha256}\n{fine_sha256}\n".encode()).hexdigest()
     return f"hclal-{combined[:12]}"
 

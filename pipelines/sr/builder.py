@@ -19,7 +19,8 @@ Content tree (PS3.16 TID 1500, compare ``seg-sr-highdicom-smallct/sr``)::
                TLG, attenuation coefficient mean (HU), private 99LOCUS NUMs: voxel
                counts, component, bounding box (6), centroid (3), localizer probability
           CODE Anatomic localization (99LOCUS) = coded / approximate / uncoded /
-               SCT "Not Evaluated" (no localizer ran)
+               SCT "Not Evaluated" (no localizer configured, or no CT; the SEG's own
+               Anatomic Region Sequence is then the Finding Site when present)
           TEXT localizer label, ranked alternatives, processing flags, comments
         CONTAINER Measurement Group "Study-level zero-shot findings"   TID 1501
           NUM  <finding> score (UCUM 1), CODE <finding> = Present / Absent
@@ -656,11 +657,31 @@ def _finding_sites(loc: Localization | None, notes: list[Flag]) -> list[FindingS
     )]
 
 
-def _localization_items(loc: Localization | None) -> tuple[QualitativeEvaluation, list[TextContentItem]]:
+def _seg_region_sites(lesion: Lesion) -> list[FindingSite]:
+    """Finding Sites from the SEG segment's own Anatomic Region Sequence (the sender's coding),
+    used only when Locus did not localize the lesion (PS3.3 C.8.20.2; TID 1411 Finding Site)."""
+    if lesion.localization is not None:
+        return []
+    return [FindingSite(anatomic_location=codes.to_concept(region)) for region in lesion.seg_anatomic_regions]
+
+
+def _not_assessed_reason(lesion: Lesion | None) -> str:
+    """Why no localizer output exists for this lesion, in words (never a reason that is not true)."""
+    flags = {f.code: f.message for f in lesion.flags} if lesion is not None else {}
+    if "location_no_ct" in flags:
+        return "the study has no CT, which the anatomical localizer needs"
+    return "no anatomical localizer is configured"
+
+
+def _localization_items(loc: Localization | None,
+                        lesion: Lesion | None = None) -> tuple[QualitativeEvaluation, list[TextContentItem]]:  # fmt: skip
     texts: list[TextContentItem] = []
     if loc is None:
         status = codes.LOCALIZATION_NOT_ASSESSED
-        texts.append(_text(codes.COMMENT, "Anatomic location not assessed: no localizer ran for this lesion."))
+        comment = f"Anatomic location not assessed by Locus: {_not_assessed_reason(lesion)}."
+        if lesion is not None and lesion.seg_anatomic_regions:
+            comment += " The Finding Site is the SEG segment's Anatomic Region (the sender's coding)."
+        texts.append(_text(codes.COMMENT, comment))
     else:
         if loc.site is None:
             status = codes.LOCALIZATION_UNCODED
@@ -748,8 +769,8 @@ def _lesion_group(
         source_series=SourceSeriesForSegmentation(_seg_source_series(seg, series_of_instance)),
     )
     measurements, notes = _lesion_measurements(lesion, suv)
-    sites = _finding_sites(lesion.localization, notes)
-    status, texts = _localization_items(lesion.localization)
+    sites = _finding_sites(lesion.localization, notes) or _seg_region_sites(lesion)
+    status, texts = _localization_items(lesion.localization, lesion)
     group = VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=lesion.tracking_id or lesion.lesion_id),
         referenced_segment=referenced_segment,

@@ -66,6 +66,12 @@ def test_node_records_localizer_sites(release_dir: Path, database: dict[str, str
     files = study_files()
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with running(settings) as node:
+        # The worker loads the configured localizer when it starts, before any study arrives,
+        # and keeps its text features in the default cache under the data directory.
+        wait_for(lambda: any(k.startswith("localizer:") for k in node.ctx._models), 120,
+                 "the localizer loaded at worker start")
+        assert sorted(p.suffix for p in (settings.storage.data_dir / "cache" / "text-features").iterdir()) == [
+            ".json", ".json", ".npz", ".npz"]
         storescu(port, files)
         detail = wait_for(lambda: analysed_detail(node, study_uid), 300, "the analysis and report")
         with node.ctx.db.session() as s:

@@ -91,6 +91,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     no_uid_path = _write(tmp_path / "nouid.dcm", no_uid)
     text = tmp_path / "README.txt"
     text.write_text("not DICOM")
+    (tmp_path / "junk.bin").write_bytes(b"not DICOM either")
     return dict(tmp=tmp_path, study=study_uid, for_a=for_a, for_b=for_b, pet=pet, pet_paths=pet_paths,
                 ct_full=ct_full, ct_part=ct_part, ct_other=ct_other, seg=seg, seg_path=seg_path,
                 full_paths=full_paths, part_paths=part_paths, other_paths=other_paths,
@@ -112,7 +113,9 @@ def test_full_study_from_a_folder(study: dict) -> None:
     codes = {f.code for f in inv.flags}
     assert codes == {"ct_series_chosen", "instances_refused"}
     ignored = {Path(i.source).name: i.code for i in inv.ignored}
-    assert ignored == {"rt.dcm": "not_used", "nouid.dcm": "missing_uid", "README.txt": "not_dicom"}
+    # the folder's README is documentation beside the instances, not an ignored instance; other
+    # unreadable files still are
+    assert ignored == {"rt.dcm": "not_used", "nouid.dcm": "missing_uid", "junk.bin": "not_dicom"}
     refused = next(i for i in inv.ignored if i.code == "missing_uid")
     assert "SOPInstanceUID" in refused.reason and "StudyInstanceUID" in refused.reason
     # headers only, each with its path for the later pixel read, sorted into the right series
@@ -237,7 +240,12 @@ def test_real_ct_and_segs_with_pet_in_same_frame(data_dir: Path, tmp_path: Path)
     assert "no referenced series" in seg_reasons[wrong]
     others = [r for uid, r in seg_reasons.items() if uid != wrong]
     assert all("the chosen CT" in r and "FoR matches" in r for r in others)
-    assert [i.code for i in inv.ignored] == ["not_dicom"]  # the SEG README
+    assert inv.ignored == []  # the SEG folder's README is documentation, not an ignored instance
+
+
+def test_a_readme_named_explicitly_is_still_reported(study: dict) -> None:
+    inv = take_inventory([*study["pet_paths"], study["text"]])
+    assert [(Path(i.source).name, i.code) for i in inv.ignored] == [("README.txt", "not_dicom")]
 
 
 def test_real_phantom_two_ct_series_and_extensionless_seg(data_dir: Path, tmp_path: Path) -> None:

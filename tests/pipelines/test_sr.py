@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -567,7 +568,33 @@ def test_report_states_when_no_localizer_ran(tmp_path: Path, ct_headers, seg_sin
     lesion = read_measurement_report(tmp_path / "sr.dcm").lesions[0]
     assert not lesion.location_assessed
     assert lesion.finding_sites == () and lesion.localizer_label is None and lesion.alternatives == ()
-    assert lesion.comments == ("Anatomic location not assessed: no localizer ran for this lesion.",)
+    assert lesion.comments == ("Anatomic location not assessed by Locus: no anatomical localizer is configured.",)
+
+
+def test_report_says_a_lesion_was_not_localized_for_want_of_ct(tmp_path: Path, ct_headers, seg_single) -> None:
+    les = make_lesion(seg_single, 1, loc=None)
+    les = replace(les, flags=(*les.flags, Flag("location_no_ct", "not localized: the study has no CT")))
+    validate(build([*ct_headers, seg_single], [les], models=[]), tmp_path / "sr.dcm")
+    lesion = read_measurement_report(tmp_path / "sr.dcm").lesions[0]
+    assert not lesion.location_assessed and lesion.finding_sites == ()
+    assert lesion.comments == ("Anatomic location not assessed by Locus: the study has no CT, which the anatomical "
+                               "localizer needs.",)
+
+
+def test_seg_anatomic_region_is_the_finding_site_when_locus_did_not_localize(tmp_path: Path, ct_headers,
+                                                                            seg_single) -> None:  # fmt: skip
+    liver = CodedValue("10200004", "SCT", "Liver")
+    les = replace(make_lesion(seg_single, 1, loc=None), seg_anatomic_regions=(liver,))
+    validate(build([*ct_headers, seg_single], [les], models=[]), tmp_path / "sr.dcm")
+    lesion = read_measurement_report(tmp_path / "sr.dcm").lesions[0]
+    assert not lesion.location_assessed  # Locus did not assess it; the sender did
+    assert [s.location.value for s in lesion.finding_sites] == ["10200004"]
+    assert "the SEG segment's Anatomic Region" in lesion.comments[0]
+    # a lesion Locus localized keeps the localizer's site, not the sender's
+    loc = localization(None, label="vertebra L6", probability=None)
+    both = replace(make_lesion(seg_single, 1, loc=loc), seg_anatomic_regions=(liver,))
+    validate(build([*ct_headers, seg_single], [both]), tmp_path / "sr2.dcm")
+    assert read_measurement_report(tmp_path / "sr2.dcm").lesions[0].finding_sites == ()
 
 
 def test_uncoded_localizer_label_is_reported(tmp_path: Path, ct_headers, seg_single) -> None:

@@ -33,7 +33,7 @@ calibrated probability is reported only when temperatures fitted on site data ar
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,13 @@ import torch
 from pipelines.dicom.volume import Volume
 from pipelines.errors import GeometryError, InputError, ModelError
 from pipelines.findings import Flag, Localization, ModelInfo, RankedLabel, SiteAssignment
-from pipelines.models.checkpoints import UAI_DEFAULT_KEY, HclalCheckpoint, Preprocessing, load_checkpoint
+from pipelines.models.checkpoints import (
+    UAI_DEFAULT_KEY,
+    HclalCheckpoint,
+    Preprocessing,
+    is_encrypted,
+    load_checkpoint,
+)
 from pipelines.models.localizer import hierarchy
 from pipelines.models.localizer.crop import (
     CropGeometry,
@@ -67,6 +73,7 @@ from pipelines.models.localizer.network import HclalClipNet, build_network
 from pipelines.models.localizer.vocabulary import Vocabulary
 from pipelines.models.registry import LocalizerSpec, PinnedFile, default_model_id
 from pipelines.models.text import ClipTokenizer, encode_texts
+from pipelines.models.text_cache import TextFeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +179,8 @@ def _check_channels(pre: Preprocessing, stage: str) -> None:
 
 
 def _build_stage(
-    name: str, ckpt: HclalCheckpoint, words: Sequence[str], vocab: Vocabulary, device: torch.device, channels_last: bool
+    name: str, ckpt: HclalCheckpoint, words: Sequence[str], vocab: Vocabulary, device: torch.device, channels_last: bool,
+    text_cache: TextFeatureCache | None = None, progress: Callable[[str], None] | None = None,
 ) -> Stage:
     _check_channels(ckpt.preprocessing, name)
     net = build_network(ckpt).to(device)
@@ -180,7 +188,11 @@ def _build_stage(
         net.image_encoder.to(memory_format=torch.channels_last_3d)
     context = int(net.text_encoder.context_length)
     tokens = ClipTokenizer(context).tokenize([vocab.text(w) for w in words])
-    emb = encode_texts(net.text_encoder, tokens, post=net.text_fc)
+    if text_cache is None:
+        emb = encode_texts(net.text_encoder, tokens, post=net.text_fc)
+    else:  # same bytes as encode_texts on this device type, verified on load (.text_cache)
+        emb = text_cache.features(net.text_encoder, tokens, post=net.text_fc,
+                                  what=f"{len(words)} {name} descriptions", progress=progress)
     return Stage(
         name=name,
         checkpoint_path=ckpt.path,
@@ -210,6 +222,17 @@ def fitted_temperatures(coarse: HclalCheckpoint, fine: HclalCheckpoint) -> tuple
             return None
         temps.append(float(t))
     return temps[0], temps[1]
+
+
+def _is_encrypted_file(path: str | Path) -> bool:
+    """Whether a checkpoint file (or its folder's ``params.pth``) carries the uAI_model tag."""
+    p = Path(path)
+    p = p / "params.pth" if p.is_dir() else p
+    try:
+        with open(p, "rb") as fh:
+            return is_encrypted(fh.read(16))
+    except OSError:
+        return False  # load_checkpoint reports the missing file
 
 
 def _checked_options(geometry_mode: str, device: str | torch.device) -> torch.device:
@@ -278,6 +301,8 @@ class Localizer:
         model_id: str | None = None,
         expected: LocalizerSpec | None = None,
         key: bytes = UAI_DEFAULT_KEY,
+        text_cache: TextFeatureCache | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> Localizer:
         """Load both stages and cache the text embeddings.
 
@@ -286,16 +311,21 @@ class Localizer:
         enables ``calibrated_probability``; when not given, temperatures fitted by
         ``locus train calibrate`` and stored in both checkpoints are used
         (:func:`fitted_temperatures`); without either no calibration is claimed.
+        ``text_cache`` keeps the candidate-text features on disk (a warm start skips encoding
+        them); ``progress`` is told, in words, about slow one-time steps (decrypting, encoding).
         """
         dev = _checked_options(geometry_mode, device)  # before reading ~0.75 GB of checkpoints
         vocab = Vocabulary.load(vocabulary_json, descriptions_json)
+        for what, path in (("coarse", coarse_path), ("fine", fine_path)):
+            if progress is not None and _is_encrypted_file(path):
+                progress(f"decrypting the {what} checkpoint (uAI_model obfuscation; takes a while for full-size weights)")
         coarse_ckpt = load_checkpoint(coarse_path, key=key)
         fine_ckpt = load_checkpoint(fine_path, key=key)
         return cls.from_checkpoints(
             coarse_ckpt, fine_ckpt, vocab, vocabulary_path=str(vocabulary_json),
             descriptions_path=str(descriptions_json), device=dev, geometry_mode=geometry_mode,
             coarse_topk=coarse_topk, fuse_coarse_threshold=fuse_coarse_threshold, temperatures=temperatures,
-            batch_size=batch_size, model_id=model_id, expected=expected,
+            batch_size=batch_size, model_id=model_id, expected=expected, text_cache=text_cache, progress=progress,
         )  # fmt: skip
 
     @classmethod
@@ -315,19 +345,23 @@ class Localizer:
         batch_size: int | None = None,
         model_id: str | None = None,
         expected: LocalizerSpec | None = None,
+        text_cache: TextFeatureCache | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> Localizer:
         """Build from already-read checkpoints (what :meth:`load` does after reading files)."""
         dev = _checked_options(geometry_mode, device)
         if temperatures is None:
             temperatures = fitted_temperatures(coarse_ckpt, fine_ckpt)
         spec = LocalizerSpec(
-            model_id=model_id or (expected.model_id if expected else default_model_id(coarse_ckpt.sha256, fine_ckpt.sha256)),
+            model_id=model_id or (expected.model_id if expected else default_model_id(
+                coarse_ckpt.content_sha256 or coarse_ckpt.sha256, fine_ckpt.content_sha256 or fine_ckpt.sha256)),
             coarse=PinnedFile(coarse_ckpt.path, coarse_ckpt.sha256),
             fine=PinnedFile(fine_ckpt.path, fine_ckpt.sha256),
             vocabulary=PinnedFile(vocabulary_path, vocab.vocabulary_sha256),
             descriptions=PinnedFile(descriptions_path, vocab.descriptions_sha256),
             nets=(coarse_ckpt.net, fine_ckpt.net),
             preprocessing={"coarse": coarse_ckpt.preprocessing.to_json(), "fine": fine_ckpt.preprocessing.to_json()},
+            weights_content=(coarse_ckpt.content_sha256, fine_ckpt.content_sha256),
         )
         if expected is not None:
             for what in ("coarse", "fine", "vocabulary", "descriptions"):
@@ -342,8 +376,8 @@ class Localizer:
         # oneDNN's 3-D convolutions run ~1.8x faster channels-last on CPU, but sum in another order
         # (embeddings differ by ~1e-5 relative); hcl-al mode keeps the reference's contiguous layout.
         channels_last = dev.type == "cpu" and geometry_mode == "corrected"
-        coarse = _build_stage("coarse", coarse_ckpt, vocab.coarse_keys, vocab, dev, channels_last)
-        fine = _build_stage("fine", fine_ckpt, vocab.fine_words, vocab, dev, channels_last)
+        coarse = _build_stage("coarse", coarse_ckpt, vocab.coarse_keys, vocab, dev, channels_last, text_cache, progress)
+        fine = _build_stage("fine", fine_ckpt, vocab.fine_words, vocab, dev, channels_last, text_cache, progress)
         if not vocab.matches_published_counts():
             # Expected for weights Locus trained on its own vocabulary (they carry a "locus"
             # metadata key); worth a warning only for weights that claim to be HCL-AL's.

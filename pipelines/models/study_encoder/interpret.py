@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.dicom.volume import Volume
-from pipelines.errors import InputError
+from pipelines.errors import InputError, ModelError
 from pipelines.findings import Flag, ModelInfo
 from pipelines.models.study_encoder import preprocess
 from pipelines.models.study_encoder.model import StudyEncoder, input_flags
@@ -204,6 +204,9 @@ def _affine_lps(prepared: preprocess.PreparedInput) -> np.ndarray:
 def relevance_map(encoder: StudyEncoder, ct: Volume, finding_id: str, *, body_part_examined: str | None = None,
                   flags: Sequence[Flag] = ()) -> RelevanceMap:  # fmt: skip
     """Relevance of the preprocessed CT for ``finding_id`` (a prompt-set finding id) under ``encoder``."""
+    if encoder.classifier is None:
+        raise ModelError("a relevance map explains a zero-shot finding, which needs the HLIP text tower; "
+                         + encoder.zero_shot_flags()[0].message, code="text_tower_missing")  # fmt: skip
     ids = [f.id for f in encoder.prompts.findings]
     if finding_id not in ids:
         raise InputError(f"unknown finding {finding_id!r}; the prompt set has {', '.join(ids)}", code="unknown_finding")

@@ -18,11 +18,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from library.prompts import PromptSet, PromptSetError, load_prompt_set
 from pipelines.dicom.volume import Volume
 from pipelines.errors import InputError, ModelError
 from pipelines.findings import Flag, ModelInfo, StudyEncoding
-from pipelines.models.checkpoints import sha256_file, strip_module_prefix
+from pipelines.models.checkpoints import sha256_file, state_dict_sha256, strip_module_prefix
 from pipelines.models.study_encoder import preprocess, thorax, visual, zeroshot
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,36 @@ def _check_text_dir(text_dir: Path) -> None:
                          code="text_tower_missing")  # fmt: skip
 
 
+class _RandomInitWarningFilter(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded … initialized randomly" warning.
+
+    Why: Locus builds every model without pretrained weights on purpose and loads the
+    checkpoint strictly right after, so the warning is false and alarming in a log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _strict_load_follows() -> Iterator[None]:
+    flt = _RandomInitWarningFilter()
+    loggers = [logging.getLogger(), logging.getLogger("open_clip"), logging.getLogger("open_clip.factory")]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
 def build_model(model_name: str, text_dir: str | Path) -> nn.Module:
-    """``open_clip.create_model`` for a registered HLIP config, text tower from ``text_dir`` (random weights)."""
+    """``open_clip.create_model`` for a registered HLIP config, text tower from ``text_dir`` (random weights).
+
+    Callers load a checkpoint strictly right after (:func:`load_strict`), so open_clip's
+    random-initialisation warning is silenced here.
+    """
     import open_clip
 
     register_configs()
@@ -115,8 +144,44 @@ def build_model(model_name: str, text_dir: str | Path) -> nn.Module:
     _check_text_dir(text_dir)
     text_cfg = copy.deepcopy(cfg["text_cfg"])
     text_cfg.update(hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir), hf_model_pretrained=False)
-    return open_clip.create_model(model_name, pretrained=None, pretrained_image=False, pretrained_text=False,
-                                  text_cfg=text_cfg, output_dict=True)  # fmt: skip
+    with _strict_load_follows():
+        return open_clip.create_model(model_name, pretrained=None, pretrained_image=False, pretrained_text=False,
+                                      text_cfg=text_cfg, output_dict=True)  # fmt: skip
+
+
+class VisionOnly(nn.Module):
+    """The visual tower of an HLIP model alone, for embeddings without a text tower.
+
+    Same module names under ``visual.`` and the same ``encode_image`` arithmetic as
+    open_clip's CLIP (visual features, optionally L2-normalised), so embeddings equal the full
+    model's for the same visual weights.
+    """
+
+    def __init__(self, visual_tower: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual_tower
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image)
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+def build_vision_model(model_name: str) -> VisionOnly:
+    """The visual tower of a registered HLIP config (random weights; a strict load follows)."""
+    import open_clip
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    register_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ModelError(f"no open_clip config named {model_name!r}", code="model_unknown")
+    vision_cfg = CLIPVisionCfg(**{**cfg["vision_cfg"], "timm_model_pretrained": False})
+    return VisionOnly(_build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False)))
+
+
+def is_vision_only(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A checkpoint with visual weights and no text tower (``text.*``)."""
+    return any(k.startswith("visual.") for k in state_dict) and not any(k.startswith("text.") for k in state_dict)
 
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -154,7 +219,7 @@ class StudyEncoderConfig:
     """Where the model is and how it is used; thresholds are per-site calibration, keyed by finding id."""
 
     checkpoint: str | Path
-    text_dir: str | Path
+    text_dir: str | Path | None  # None (or a vision-only checkpoint): embeddings only, no zero-shot
     model_name: str = "vit_base_singlescan_h2_token2744"
     model_id: str | None = None  # default "hlip-<first 12 hex of the checkpoint sha256>"
     prompt_set: str = "ct_rate_hlip_v1"
@@ -176,28 +241,46 @@ class StudyEncoder:
                              f"{config.expected_sha256[:16]}…", code="model_hash_mismatch")  # fmt: skip
         self.config = config
         self.checkpoint = ckpt
-        self.model = build_model(config.model_name, config.text_dir)
-        load_strict(self.model, ckpt.state_dict)
+        # Embeddings need only the visual tower: a vision-only checkpoint, or no text directory,
+        # gives embeddings without zero-shot findings (which need the text tower, and say so).
+        self.vision_only = config.text_dir is None or is_vision_only(ckpt.state_dict)
+        visual_sd = {k: v for k, v in ckpt.state_dict.items() if k.startswith("visual.")}
+        self.classifier: zeroshot.ZeroShotClassifier | None = None
+        if self.vision_only:
+            self.model: nn.Module = build_vision_model(config.model_name)
+            load_strict(self.model, visual_sd)
+        else:
+            assert config.text_dir is not None
+            self.model = build_model(config.model_name, config.text_dir)
+            load_strict(self.model, ckpt.state_dict)
         self.model.eval().to(config.device)
         try:
             self.prompts: PromptSet = load_prompt_set(config.prompt_set)
         except PromptSetError as exc:
             raise ModelError(str(exc), code="prompt_set_invalid") from exc
-        zeroshot.check_thresholds(self.prompts, config.thresholds)
-        import open_clip
+        library_hash = None
+        if not self.vision_only:
+            assert config.text_dir is not None
+            zeroshot.check_thresholds(self.prompts, config.thresholds)
+            import open_clip
 
-        ctx = int(open_clip.get_model_config(config.model_name)["text_cfg"].get("context_length", 77))
-        self.tokenizer = tokenizer_for(config.text_dir, ctx)
-        self.classifier = zeroshot.build_classifier(self.model, self.tokenizer, self.prompts)
+            ctx = int(open_clip.get_model_config(config.model_name)["text_cfg"].get("context_length", 77))
+            self.tokenizer = tokenizer_for(config.text_dir, ctx)
+            self.classifier = zeroshot.build_classifier(self.model, self.tokenizer, self.prompts)
+            text_hash = _dir_digest(Path(config.text_dir))
+            library_hash = hashlib.sha256(f"{self.prompts.sha256}\n{text_hash}\n".encode()).hexdigest()
         self.spec = visual.registered_spec(_trunk_name(config.model_name))
         self.last_timings: dict[str, float] = {}
-        text_hash = _dir_digest(Path(config.text_dir))
+        # Identity from the weights content, not the file bytes (.pt, .safetensors, re-saved copies):
+        # the id names the visual weights (what an embedding depends on), sha256 all loaded weights.
+        loaded = visual_sd if self.vision_only else ckpt.state_dict
         self.model_info = ModelInfo(
-            model_id=config.model_id or f"hlip-{ckpt.sha256[:12]}",
+            model_id=config.model_id or f"hlip-{state_dict_sha256(visual_sd)[:12]}",
             name=f"HLIP study encoder ({config.model_name})",
-            version=f"{IMPLEMENTATION}; prompts {self.prompts.name} {self.prompts.version}",
-            sha256=ckpt.sha256,
-            library_hash=hashlib.sha256(f"{self.prompts.sha256}\n{text_hash}\n".encode()).hexdigest(),
+            version=f"{IMPLEMENTATION}; " + ("vision only (no zero-shot)" if self.vision_only
+                                               else f"prompts {self.prompts.name} {self.prompts.version}"),
+            sha256=state_dict_sha256(loaded),
+            library_hash=library_hash,
         )
         log.info("HLIP encoder %s ready: %s sha256=%s renamed=%s", self.model_info.model_id, config.model_name,
                  ckpt.sha256[:12], list(ckpt.renamed))  # fmt: skip
@@ -230,7 +313,7 @@ class StudyEncoder:
         t1 = time.perf_counter()
         emb = self.embed(prepared.tensor)
         t2 = time.perf_counter()
-        scores = self.classifier.scores(emb[0])
+        scores = self.classifier.scores(emb[0]) if self.classifier is not None else None
         self.last_timings = {"preprocess_s": t1 - t0, "forward_s": t2 - t1, "zeroshot_s": time.perf_counter() - t2}
         lo, hi = prepared.crop_lps_min, prepared.crop_lps_max
         crop = (f"{sel.describe()}; crop LPS x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f}, "
@@ -239,11 +322,20 @@ class StudyEncoder:
             model=self.model_info,
             embedding=tuple(float(v) for v in emb[0].tolist()),
             preprocessing_version=preprocess.PREPROCESSING_VERSION,
-            prompt_set_version=f"{self.prompts.name}/{self.prompts.version}",
-            findings=zeroshot.to_findings(scores, self.prompts, self.config.thresholds),
+            prompt_set_version=None if scores is None else f"{self.prompts.name}/{self.prompts.version}",
+            findings=() if scores is None else zeroshot.to_findings(scores, self.prompts, self.config.thresholds),
             crop_description=crop,
-            flags=input_flags(sel),
+            flags=input_flags(sel) + self.zero_shot_flags(),
         )
+
+    def zero_shot_flags(self) -> tuple[Flag, ...]:
+        """Why there are no zero-shot findings, when the encoder has no text tower."""
+        if not self.vision_only:
+            return ()
+        why = ("the checkpoint holds no text tower" if is_vision_only(self.checkpoint.state_dict)
+               else "no text tower directory is configured (models.study_encoder_text_dir)")
+        return (Flag("zero_shot_unavailable", f"study embedding only: {why}; zero-shot findings need the HLIP "
+                     "text tower (a full checkpoint and its text directory)"),)  # fmt: skip
 
 
 def input_flags(sel: thorax.ThoraxSelection) -> tuple[Flag, ...]:

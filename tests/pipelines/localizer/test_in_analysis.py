@@ -80,3 +80,32 @@ def test_node_loads_the_configured_localizer_once(release_dir: Path, tmp_path: P
 def test_node_without_localizer(tmp_path: Path) -> None:
     ctx = build_context(LocusSettings.load(None, storage={"data_dir": str(tmp_path)}))
     assert load_localizer(ctx) is None
+
+
+def test_study_without_ct_says_why_no_site_and_lists_no_idle_model(release_dir: Path, tmp_path: Path) -> None:
+    """Honest provenance: no CT is the reason given, and a localizer that produced nothing is
+    neither in the SR's Software Versions nor in the Device Observer UID."""
+    files = [release_dir / "coarse" / "params.pth", release_dir / "fine" / "params.pth",
+             release_dir / "anatomy_vocabulary_library.json", release_dir / "augmented_location_descriptions.json"]
+    localizer = LibraryLocalizer(Localizer.load(*files))
+    no_ct = [p for p in sorted(SAMPLE_STUDY.rglob("*.dcm")) if p.parent.name != "CT"]
+    with_model = analyse_study(no_ct, AnalysisOptions(localizer=localizer))
+    without = analyse_study(no_ct, AnalysisOptions())
+
+    assert with_model.lesions and all(les.localization is None for les in with_model.lesions)
+    assert all(any(f.code == "location_no_ct" for f in les.flags) for les in with_model.lesions)
+    study_flag = next(f for f in with_model.flags if f.code == "location_not_assessed")
+    assert "no CT" in study_flag.message
+    assert with_model.models == []
+    model_id = localizer.localizer.model_info.model_id
+    sr = with_model.sr_dataset
+    assert not any(model_id in v for v in sr.SoftwareVersions)
+    observer_uid = lambda ds: next(  # noqa: E731
+        item.UID for item in ds.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121012")
+    assert observer_uid(sr) == observer_uid(without.sr_dataset)
+
+    out = tmp_path / "sr.dcm"
+    sr.save_as(out, enforce_file_format=True)
+    assert_dciodvfy_clean(out)
+    report = read_measurement_report(out)
+    assert all("no CT" in les.comments[0] for les in report.lesions)

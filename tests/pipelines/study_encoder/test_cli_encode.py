@@ -56,3 +56,36 @@ def test_relevance_needs_an_output(tiny_dirs: dict[str, Path], tmp_path: Path) -
     res = CliRunner().invoke(locus_cli, ["encode-study", str(SAMPLE_STUDY), "--relevance", "emphysema"],
                              env=_env(tiny_dirs, tmp_path))  # fmt: skip
     assert res.exit_code == 2 and "go together" in res.output
+
+
+def test_encode_study_accepts_nifti_with_the_published_hu_and_spacing_rules(tiny_dirs: dict[str, Path],
+                                                                           tmp_path: Path) -> None:  # fmt: skip
+    import SimpleITK as sitk
+
+    from tests.pipelines.study_encoder.phantoms import torso
+
+    vol = torso(60, 5.0, -150.0, (-60.0, 120.0))
+    hu = vol.to_sitk()
+    sitk.WriteImage(sitk.Cast(hu, sitk.sitkFloat32), str(tmp_path / "hu.nii.gz"))
+    stored = sitk.Cast(hu, sitk.sitkFloat32) + 1024.0  # CT-RATE style raw values
+    stored.SetSpacing((1.0, 1.0, 1.0))  # header spacing that the metadata table overrides
+    sitk.WriteImage(stored, str(tmp_path / "raw.nii.gz"))
+    env = _env(tiny_dirs, tmp_path)
+    sp = hu.GetSpacing()
+
+    def run(*args: str) -> dict:
+        res = CliRunner().invoke(locus_cli, ["encode-study", *args, "--json"], env=env)
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    ref = run(str(tmp_path / "hu.nii.gz"))
+    raw = run(str(tmp_path / "raw.nii.gz"), "--rescale", "1", "-1024", "--xy-spacing", str(sp[0]),
+              "--z-spacing", str(sp[2]))
+    assert len(ref["encoding"]["embedding"]) == 16
+    assert np.allclose(ref["encoding"]["embedding"], raw["encoding"]["embedding"], atol=1e-5)
+    assert any("--rescale" in n for n in raw["input_notes"])
+    unscaled = CliRunner().invoke(locus_cli, ["encode-study", str(tmp_path / "raw.nii.gz")], env=env)
+    assert "look like stored values" in unscaled.output  # said before the (expected) refusal
+
+    refused = CliRunner().invoke(locus_cli, ["encode-study", str(SAMPLE_STUDY), "--rescale", "1", "0"], env=env)
+    assert refused.exit_code != 0 and "NIfTI input only" in refused.output

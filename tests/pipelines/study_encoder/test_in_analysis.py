@@ -41,7 +41,7 @@ def test_analysis_encodes_the_study_and_reports_findings(encoder: hm.StudyEncode
     enc = result.study_encoding
     assert enc is not None and result.lesions
     assert len(enc.embedding) == 16 and np.linalg.norm(enc.embedding) == pytest.approx(1.0, abs=1e-5)
-    assert enc.model.sha256 == encoder.checkpoint.sha256 and enc.model in result.models
+    assert enc.model.sha256 == encoder.model_info.sha256 and enc.model in result.models
     assert {f.code for f in enc.flags} == {"hlip_orientation_unvalidated", "hlip_thorax_cropped"}
     assert "lung_centred" in enc.crop_description
     assert {"study_encoding", "study_encoding.preprocess", "study_encoding.forward"} <= set(result.timings_s)
@@ -64,7 +64,7 @@ def test_analysis_encodes_the_study_and_reports_findings(encoder: hm.StudyEncode
                        "Cardiomegaly": False}  # fmt: skip
     assert group.algorithm is not None
     params = "\n".join(group.algorithm.parameters)
-    assert encoder.checkpoint.sha256 in params and "preprocessing_version=" in params
+    assert encoder.model_info.sha256 in params and "preprocessing_version=" in params
     assert "prompt_set_version=" in params
     assert {f.code for f in group.flags} >= {"hlip_orientation_unvalidated", "hlip_thorax_cropped"}
 
@@ -131,8 +131,7 @@ def test_node_encoder_misconfiguration_is_a_model_error(tiny_dirs: dict[str, Pat
     from node.tasks.context import build_context
     from pipelines.errors import ModelError
 
-    for models, code in (({"study_encoder_text_dir": None}, "config_invalid"),
-                         ({"study_encoder_checkpoint": "missing.pt"}, "checkpoint_missing"),
+    for models, code in (({"study_encoder_checkpoint": "missing.pt"}, "checkpoint_missing"),
                          ({"study_encoder_sha256": "0" * 64}, "model_hash_mismatch"),
                          ({"study_encoder_thresholds": {"not_a_finding": 0.5}}, "threshold_config")):  # fmt: skip
         ctx = build_context(_node_settings(tiny_dirs, tmp_path / code, **models))

@@ -11,7 +11,7 @@ import torch
 
 from library.prompts import load_prompt_set
 from pipelines.errors import InputError, ModelError
-from pipelines.models.checkpoints import sha256_file
+from pipelines.models.checkpoints import sha256_file, state_dict_sha256
 from pipelines.models.study_encoder import model as hm
 from pipelines.models.study_encoder import zeroshot
 from tests.pipelines.study_encoder.conftest import TINY_MODEL
@@ -45,8 +45,12 @@ def test_strict_load_reproduces_the_source_model(tiny_dirs: dict[str, Path], enc
     assert set(own) == {k.removeprefix("module.") for k in raw}
     for k, v in raw.items():
         torch.testing.assert_close(own[k.removeprefix("module.")], v)
-    assert encoder.model_info.sha256 == sha256_file(tiny_dirs["checkpoint"])
-    assert encoder.model_info.model_id == f"hlip-{encoder.model_info.sha256[:12]}"
+    # identity from the weights content (the file's own hash is kept for pinning)
+    sd = {k.removeprefix("module."): v for k, v in raw.items()}
+    assert encoder.checkpoint.sha256 == sha256_file(tiny_dirs["checkpoint"])
+    assert encoder.model_info.sha256 == state_dict_sha256(sd)
+    visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    assert encoder.model_info.model_id == f"hlip-{state_dict_sha256(visual)[:12]}"
 
 
 def test_missing_or_extra_keys_fail_loudly(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
