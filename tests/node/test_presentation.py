@@ -105,7 +105,10 @@ def test_results_show_gives_the_no_seg_reason_in_the_versions_table(tmp_path, mo
     }
     monkeypatch.setattr(cli_results.repo, "study_detail", lambda s, uid: detail)
     monkeypatch.setattr(cli_results.repo, "list_lesions", lambda s, uid: [])
+    monkeypatch.setattr(cli_results.repo, "study_exists", lambda s, uid: True)
     env = {"LOCUS_STORAGE__DATA_DIR": str(tmp_path)}
+    created = CliRunner().invoke(locus_cli, ["db", "upgrade"], env=env)  # queries never create a database
+    assert created.exit_code == 0, created.output
     out = CliRunner().invoke(locus_cli, ["results", "show", "1.2.3"], env=env)
     assert out.exit_code == 0, out.output
     assert "no_seg: the study holds no SEG" in out.output
