@@ -338,7 +338,14 @@ def _radiopharmaceutical(ds: Dataset) -> Dataset:
     return seq[0]  # type: ignore[index]
 
 
-def _series_facts(headers: Sequence[Dataset]) -> _Series:
+def _series_facts(headers: Sequence[Dataset], *, radiopharmaceutical: bool = True) -> _Series:
+    """Series-level facts, checked to agree across the instances.
+
+    With ``radiopharmaceutical=False`` (activity concentration only) the Radiopharmaceutical
+    Information Sequence (PS3.3 C.8.9.2) is not required: Bq/ml needs only Units and the
+    rescale (C.8.9.1.1.3), so a PET without it still has a quantitative value to report,
+    and dose, half-life and injection time are simply unknown.
+    """
     flags: list[Flag] = []
     units = _text(_same(headers, "Units")).upper()
     decay = _text(_same(headers, "DecayCorrection")).upper()
@@ -346,6 +353,12 @@ def _series_facts(headers: Sequence[Dataset]) -> _Series:
     sex = _text(_same(headers, "PatientSex")).upper()
     weight = _float(_same(headers, "PatientWeight"))
     size_m = _float(_same(headers, "PatientSize"))
+
+    if not radiopharmaceutical:
+        return _Series(units=units, decay_correction=decay, suv_type=suv_type,
+                       weight_kg=weight if weight is not None and weight > 0 else None,
+                       height_cm=size_m * 100.0 if size_m and size_m > 0 else None, sex=sex,
+                       dose_bq=None, half_life_s=None, injection=None, injection_time_only=None, flags=flags)
 
     rp0 = _radiopharmaceutical(headers[0])
     for ds in headers[1:]:
@@ -687,7 +700,7 @@ def activity_concentration(headers: Sequence[Dataset]) -> SuvConversion:
     """Factors from rescaled values to Bq/ml (Units BQML, or CNTS with a Philips activity factor)."""
     if not headers:
         raise SuvError("no PET instances given", code="empty_series")
-    s = _series_facts(headers)
+    s = _series_facts(headers, radiopharmaceutical=False)
     factors, why_not = _activity_factors(headers, s)
     if why_not:
         raise SuvError(f"{why_not}; not even activity concentration is available", code="unsupported_units")
