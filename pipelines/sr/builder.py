@@ -821,8 +821,8 @@ def _study_findings_group(encoding: StudyEncoding, study_uid: str,
 
 def _study_notes(flags: Sequence[Flag], suv: SuvInfo | None, lesions: Sequence[Lesion]) -> list[TextContentItem]:
     # The analysis copies the SUV flags into the study flags too: each note is written once.
-    unique = list(dict.fromkeys([*flags, *(suv.flags if suv is not None else ())]))
-    notes = [_flag_text(f) for f in unique]
+    extra = [f for f in (suv.flags if suv is not None else ()) if f not in flags]
+    notes = [_flag_text(f) for f in (*flags, *extra)]
     if not lesions:
         notes.append(_text(codes.COMMENT, "No lesion was measured in this study version."))
     return notes
