@@ -50,7 +50,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from pipelines.dicom.volume import Volume
-from pipelines.errors import SegmentationError
+from pipelines.errors import LocusError, SegmentationError
 from pipelines.findings import CodedValue, Flag
 
 log = logging.getLogger(__name__)
@@ -426,8 +426,17 @@ def read_segments(seg: Dataset | str | os.PathLike[str], *, reader: Reader = "au
         try:
             seg = pydicom.dcmread(Path(seg))
         except Exception as exc:
-            raise SegmentationError(f"cannot read SEG file {seg}: {exc}", code="seg_unreadable") from exc
-    return SegObject(seg, reader=reader)
+            raise SegmentationError(f"cannot read SEG file {Path(seg).name}: {exc}", code="seg_unreadable") from exc
+    try:
+        return SegObject(seg, reader=reader)
+    except LocusError:
+        raise
+    except Exception as exc:
+        # pydicom decodes values lazily and raises many types on a broken element (a US
+        # of odd length, a multi-valued Segment Number, an unknown VR...): a property of
+        # the received object, reported with a code (found by tests/fuzz).
+        raise SegmentationError(f"SEG attributes cannot be decoded: {type(exc).__name__}: {exc}",
+                                code="seg_malformed") from exc
 
 
 def _hd_affine(affine: np.ndarray) -> np.ndarray:
