@@ -29,9 +29,13 @@ def print_lesion_table(result: dict[str, Any], console: Console | None = None) -
     console = console or wide_console()
     suv = result.get("suv") or {}
     unit = suv.get("unit") or "SUV"
+    # Bq/ml fallback (no SUV): the values are activity concentrations and are named so;
+    # TLG is an SUV quantity and is not shown (the SR omits it too).
+    bqml = suv.get("kind") == "Bq/mL"
+    pet_cols = ((f"activity max [{unit}]", "activity mean", "activity peak") if bqml
+                else (f"SUVmax [{unit}]", "SUVmean", "SUVpeak"))
     table = Table(title=f"Study {result.get('study_instance_uid')}: {len(result.get('lesions') or [])} lesion(s)")
-    for col in ("lesion", "segment", "label", f"SUVmax [{unit}]", "SUVmean", "SUVpeak", "MTV [ml]", "TLG",
-                "CT HU", "site"):
+    for col in ("lesion", "segment", "label", *pet_cols, "MTV [ml]", "TLG", "CT HU", "site"):
         table.add_column(col)
     for les in result.get("lesions") or []:
         m = les["measurements"]
@@ -41,7 +45,7 @@ def print_lesion_table(result: dict[str, Any], console: Console | None = None) -
             # SEG labels come from the sender: escaped so brackets are shown, not read as markup
             les["lesion_id"], str(les["segment_number"]), escape(les.get("segment_label") or ""),
             _fmt(m.get("suv_max")), _fmt(m.get("suv_mean")), _fmt(m.get("suv_peak")), _fmt(m.get("volume_ml")),
-            _fmt(m.get("tlg")), _fmt(m.get("ct_mean_hu"), 1), escape(site),
+            _fmt(None if bqml else m.get("tlg")), _fmt(m.get("ct_mean_hu"), 1), escape(site),
         )
     console.print(table)
     for flag in result.get("flags") or []:
