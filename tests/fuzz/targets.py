@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 import re
 import struct
 import tempfile
@@ -56,7 +57,7 @@ from node.storage import is_valid_uid
 from pipelines.errors import LocusError
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("LOCUS_TEST_DATA", REPO.parent / "shared" / "data"))  # as tests/conftest.py
 DEMO = REPO / "node" / "demo_study"
 
 #: Boundary values for 16/32-bit length and count fields.
