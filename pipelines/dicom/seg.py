@@ -47,6 +47,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from scipy import ndimage
 
 from pipelines.dicom.volume import Volume
@@ -267,6 +268,7 @@ class SegObject:
         self._labelmap: tuple[np.ndarray, np.ndarray, list] | None = None
         self._cache: dict[int, SourceRegion] = {}
         self._frame_table: tuple[tuple[np.ndarray, np.ndarray] | None, object] | None = None
+        _check_frame_count(ds, self.sop_instance_uid)
         self.reader = "fallback" if reader == "fallback" else "highdicom"
         if reader != "fallback":
             try:
@@ -418,6 +420,30 @@ class SegObject:
                 out.append(SourceRegion(n, c, sub, off, reg.affine, reg.grid_shape))
             log.debug("SEG %s segment %d: %d components", self.sop_instance_uid, n, count)
         return out
+
+
+def _check_frame_count(ds: Dataset, uid: str) -> None:
+    """Refuse a Number of Frames the object does not hold, before anything is sized by it.
+
+    A forged Number of Frames (e.g. 19000101 on a 3-frame SEG) made highdicom build
+    per-frame tables for 19 million frames: minutes of CPU and gigabytes for a 4 kB object
+    (found by tests/fuzz).  PS3.3 C.7.6.16: one Per-Frame Functional Groups item per frame;
+    PS3.5 8.1.1: native Pixel Data holds Rows x Columns x frames x Bits Allocated bits.
+    """
+    nf = int(ds.get("NumberOfFrames", 1) or 1)
+    if nf < 1:
+        raise SegmentationError(f"SEG {uid}: Number of Frames {nf}", code="seg_malformed")
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is not None and len(per) != nf:
+        raise SegmentationError(f"SEG {uid}: {len(per)} per-frame items for {nf} frames", code="seg_malformed")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and (syntax is None or not UID(str(syntax)).is_compressed):
+        bits = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * nf * int(ds.get("BitsAllocated", 1) or 1)
+        if len(ds.PixelData) < (bits + 7) // 8:
+            raise SegmentationError(
+                f"SEG {uid}: Pixel Data holds {len(ds.PixelData)} bytes, {nf} frames need {(bits + 7) // 8}",
+                code="seg_malformed",
+            )
 
 
 def read_segments(seg: Dataset | str | os.PathLike[str], *, reader: Reader = "auto") -> SegObject:

@@ -9,6 +9,7 @@ fuzzer found, each reduced to the smallest input that showed it.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import struct
@@ -208,3 +209,21 @@ def test_regression_suv_with_an_undecodable_value_is_a_coded_refusal() -> None:
     assert err.value.code == "invalid_pet_header"
     conv = suv_or_fallback(headers)  # Bq/ml does not need the weight: still a quantity
     assert conv.info.kind.value == "Bq/mL" and "invalid_pet_header" in conv.info.flags[0].message
+
+
+def test_regression_seg_with_a_forged_frame_count_is_refused_at_once() -> None:
+    """Number of Frames 19000101 on a 3-frame, 96-byte SEG: highdicom sized its frame
+    tables by it (a hang in the long run, seg seed 12 case 3556). Now refused before
+    anything is allocated; a count that only disagrees with the pixel data likewise."""
+    ds = pydicom.dcmread(io.BytesIO(T.seg_seeds()[1].data))
+    forged = copy.deepcopy(ds)
+    forged.NumberOfFrames = 19000101
+    with pytest.raises(SegmentationError) as err:
+        read_segments(forged)
+    assert err.value.code == "seg_malformed" and "per-frame items" in err.value.reason
+    del ds.PerFrameFunctionalGroupsSequence[1:]
+    ds.NumberOfFrames = 1
+    ds.PixelData = b""
+    with pytest.raises(SegmentationError) as err:
+        read_segments(ds)
+    assert err.value.code == "seg_malformed" and "Pixel Data holds 0 bytes" in err.value.reason
