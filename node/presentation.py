@@ -70,6 +70,7 @@ class LesionView:
 def lesion_views_from_result(result: dict[str, Any]) -> list[LesionView]:
     """The lesions of an ``AnalysisResult.to_json()``."""
     unit = (result.get("suv") or {}).get("unit")
+    bqml = (result.get("suv") or {}).get("kind") == "Bq/mL"
     views = []
     for les in result.get("lesions") or []:
         m = les.get("measurements") or {}
@@ -77,10 +78,25 @@ def lesion_views_from_result(result: dict[str, Any]) -> list[LesionView]:
         views.append(LesionView(
             lesion_id=str(les["lesion_id"]), segment=les.get("segment_number"), label=les.get("segment_label") or "",
             site=None if site == "-" else site, suv_max=m.get("suv_max"), suv_mean=m.get("suv_mean"), suv_peak=m.get("suv_peak"),
-            suv_unit=m.get("suv_unit") or unit, volume_ml=m.get("volume_ml"), tlg=m.get("tlg"),
+            # TLG is an SUV quantity: not shown for Bq/ml fallback values (the SR omits it too).
+            suv_unit=m.get("suv_unit") or unit, volume_ml=m.get("volume_ml"), tlg=None if bqml else m.get("tlg"),
             ct_mean_hu=m.get("ct_mean_hu"),
         ))
     return views
+
+
+def _is_activity(unit: str) -> bool:
+    """Whether a PET unit is an activity concentration (the Bq/ml fallback), not an SUV."""
+    return unit.lower() == "bq/ml"
+
+
+def _pet_names(views: Sequence[LesionView]) -> tuple[str, str, str]:
+    """Names of the max/mean/peak columns: SUV, or activity for Bq/ml fallback values
+    (PS3.16 DCM 110821: not SUVs, so not called SUV)."""
+    units = {v.suv_unit for v in views if v.suv_unit}
+    if units and all(_is_activity(u) for u in units):
+        return "activity max", "activity mean", "activity peak"
+    return "SUVmax", "SUVmean", "SUVpeak"
 
 
 def _units(views: Sequence[LesionView]) -> tuple[str, str]:
@@ -94,11 +110,12 @@ def _units(views: Sequence[LesionView]) -> tuple[str, str]:
 def lesion_table(views: Sequence[LesionView], *, title: str, with_study: bool = False) -> Table:
     """The wide layout: one row per lesion, units in the headers."""
     suv_unit, tlg_unit = _units(views)
+    pmax, pmean, ppeak = _pet_names(views)
     table = Table(title=escape(title), caption=LESION_LEGEND, caption_justify="left")
     if with_study:
         table.add_column("Study Instance UID", no_wrap=True)
     for name, right in (("lesion", False), ("seg", True), ("label", False), ("site", False),
-                        (f"SUVmax\n[{suv_unit}]", True), ("SUVmean", True), ("SUVpeak", True),
+                        (f"{pmax}\n[{suv_unit}]", True), (pmean, True), (ppeak, True),
                         ("volume\n[ml]", True), (f"TLG\n[{tlg_unit}]", True), ("CT mean\n[HU]", True)):
         table.add_column(escape(name), justify="right" if right else "left")
     for v in views:
@@ -116,6 +133,7 @@ def lesion_table(views: Sequence[LesionView], *, title: str, with_study: bool = 
 def _lesion_blocks(views: Sequence[LesionView], *, title: str, with_study: bool, console: Console) -> None:
     """The narrow layout: a few short labelled lines per lesion, nothing folded mid-word."""
     suv_unit, tlg_unit = _units(views)
+    pmax, pmean, ppeak = _pet_names(views)
     console.print(escape(title), style="bold")
     for v in views:
         console.print(f"{escape(v.lesion_id)}  site: {escape(v.site or '—')}", style="bold")
@@ -123,8 +141,8 @@ def _lesion_blocks(views: Sequence[LesionView], *, title: str, with_study: bool,
             console.print(f"    study {v.study_uid}")
         seg = "" if v.segment is None else f"segment {v.segment} "
         console.print(f"    {seg}label: {escape(v.label)}")
-        console.print(f"    SUVmax {fmt_number(v.suv_max)}  SUVmean {fmt_number(v.suv_mean)}  "
-                      f"SUVpeak {fmt_number(v.suv_peak)} {escape(suv_unit)}")
+        console.print(f"    {pmax} {fmt_number(v.suv_max)}  {pmean} {fmt_number(v.suv_mean)}  "
+                      f"{ppeak} {fmt_number(v.suv_peak)} {escape(suv_unit)}")
         console.print(f"    volume {fmt_number(v.volume_ml)} ml  TLG {fmt_number(v.tlg)} {escape(tlg_unit)}  "
                       f"CT mean {fmt_hu(v.ct_mean_hu)} HU")
     console.print(LESION_LEGEND, style="dim")

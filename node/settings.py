@@ -16,6 +16,7 @@ Library code never sees this object: the node passes plain values on (style.md �
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from contextvars import ContextVar
@@ -45,6 +46,8 @@ __all__ = [
     "ModelsSettings",
     "StorageSettings",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("locus-data")
 
@@ -220,9 +223,6 @@ class BrokerSettings(_Section):
     """The Celery broker.  Default: kombu's SQLAlchemy transport on SQLite (no service)."""
 
     url: str  # default sqla+sqlite:///<data_dir>/broker.db, filled in by LocusSettings
-    # Celery result backend URL (e.g. "db+sqlite:///…", "redis://…"); None = no result
-    # backend: tasks persist their outcome in the results database themselves.
-    result_backend: str | None = None
     # Redis: a task taken by a worker that then died (no acknowledgement) is handed to
     # another worker after this long. Recovery does not wait for it: the analysis lease
     # (analysis.lease_s) is reclaimed sooner; a late redelivery finds the lease held, or
@@ -231,6 +231,27 @@ class BrokerSettings(_Section):
     # Redis: prefix for every key kombu uses, so several nodes (or test runs) can share
     # one Redis database without seeing each other's queues. "" = kombu's own names.
     key_prefix: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_result_backend(cls, data: Any) -> Any:
+        """Drop the retired ``result_backend`` with a warning instead of refusing the config.
+
+        It was never applied (the Celery app always ran without a result backend): task
+        outcomes live in the results database, the only record the node, the CLI and the
+        recovery sweeps read.  A config that still sets it ran without one before too, so
+        it keeps starting, and the warning says to delete the line.
+        """
+        if isinstance(data, dict) and "result_backend" in data:
+            data = dict(data)
+            value = data.pop("result_backend")
+            if value not in (None, ""):
+                log.warning(
+                    "setting broker.result_backend (LOCUS_BROKER__RESULT_BACKEND) is ignored and no longer "
+                    "exists: Locus keeps task outcomes in the results database, not in a Celery result "
+                    "backend; remove it from the configuration"
+                )
+        return data
 
 
 class CompletionSettings(_Section):

@@ -125,7 +125,8 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
     result.series.extend(inv.choices)
     result.flags.extend(inv.flags)
     for item in inv.ignored:
-        result.flags.append(Flag("instance_ignored", f"{item.source}: {item.reason} ({item.code})"))
+        # by UID only: the source path is a server detail that must not reach the PACS (issue 12)
+        result.flags.append(Flag("instance_ignored", f"{item.label}: {item.reason} ({item.code})"))
 
     if not inv.segs:
         log.info("study %s: no SEG, nothing to measure", inv.study_instance_uid)

@@ -46,6 +46,8 @@ def configure_app(broker: BrokerSettings | str) -> Celery:
         app.amqp._producer_pool = None
     app.conf.update(
         broker_url=broker_url,
+        # No result backend, by design: outcomes live in the results database (the source
+        # of truth every reader uses); nothing ever waits on an AsyncResult.
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",

@@ -58,9 +58,22 @@ _MODALITY_ROLE = {"CT": "ct", "PT": "pet", "SEG": "seg"}
 class IgnoredItem:
     """An input that is not used, and why (``code`` is stable snake_case)."""
 
-    source: str  # file path, or SOP Instance UID for in-memory datasets
+    source: str  # file path, or SOP Instance UID for in-memory datasets (local use only)
     code: str
-    reason: str
+    reason: str  # never holds a path: it goes to reports (see ``label``)
+    sop_instance_uid: str = ""  # empty when the input could not be read or has no UID
+    ordinal: int = 0  # 1, 2, ... for inputs without a UID, so each one is told apart in a report
+
+    @property
+    def label(self) -> str:
+        """How reports and the database name this input: by UID only, never by path.
+
+        A spool path (``.../spool/<study>/<series>/<sop>.dcm``) is a server detail; an SR
+        travels to the PACS and must not carry it (issue 12, defect 6).
+        """
+        if self.sop_instance_uid:
+            return f"SOP Instance {self.sop_instance_uid}"
+        return f"input #{self.ordinal} (no readable SOP Instance UID)"
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,22 @@ def _source(ds: Dataset) -> str:
     return _filename(ds) or str(ds.get("SOPInstanceUID", "") or "<in-memory dataset>")
 
 
+def _ignored(ds: Dataset, code: str, reason: str, ignored: list[IgnoredItem]) -> IgnoredItem:
+    uid = _uid(ds, "SOPInstanceUID")
+    ordinal = 0 if uid else 1 + sum(1 for i in ignored if not i.sop_instance_uid)
+    return IgnoredItem(_source(ds), code, reason, uid, ordinal)
+
+
+def _read_error(exc: BaseException, item: str | Path) -> str:
+    """The reason a file could not be read, without its path (OSError messages name it)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    text = str(exc)
+    for name in {str(item), Path(item).name}:
+        text = text.replace(name, "<file>")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _uid(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
 
@@ -150,7 +179,9 @@ def _read(items: Iterable[str | Path | Dataset], ignored: list[IgnoredItem]) -> 
             if walked and _is_folder_doc(Path(item)):
                 log.debug("skipped %s: a document beside the study's instances, not DICOM", Path(item).name)
                 continue
-            ignored.append(IgnoredItem(str(item), "not_dicom", f"not a readable DICOM file: {exc}"))
+            reason = f"not a readable DICOM file ({_read_error(exc, item)})"
+            ordinal = 1 + sum(1 for i in ignored if not i.sop_instance_uid)
+            ignored.append(IgnoredItem(str(item), "not_dicom", reason, ordinal=ordinal))
     return out
 
 
@@ -217,31 +248,32 @@ def take_inventory(items: Iterable[str | Path | Dataset]) -> StudyInventory:
             meta_uid = _uid(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPInstanceUID")
             note = f" (file meta MediaStorageSOPInstanceUID {meta_uid} is not used as a repair)" if meta_uid else ""
             ignored.append(
-                IgnoredItem(
-                    _source(ds),
+                _ignored(
+                    ds,
                     "missing_uid",
                     f"Type 1 UID(s) empty or absent: {', '.join(missing)}{note}; "
                     "the instance cannot be grouped or referenced",
+                    ignored,
                 )
             )
             continue
         sop = _uid(ds, "SOPInstanceUID")
         if sop in seen_sops:
-            ignored.append(IgnoredItem(_source(ds), "duplicate_sop_instance", f"SOP Instance {sop} given twice"))
+            ignored.append(_ignored(ds, "duplicate_sop_instance", f"SOP Instance {sop} given twice", ignored))
             continue
         seen_sops.add(sop)
         role, what = _role(ds)
         if role is None:
-            ignored.append(IgnoredItem(_source(ds), "not_used", f"{what}: not an image or SEG Locus analyses"))
+            ignored.append(_ignored(ds, "not_used", f"{what}: not an image or SEG Locus analyses", ignored))
             continue
         if role == "ct" and "LOCALIZER" in {str(v).upper() for v in (ds.get("ImageType") or [])}:
-            ignored.append(IgnoredItem(_source(ds), "localizer", "CT localizer (scout) image"))
+            ignored.append(_ignored(ds, "localizer", "CT localizer (scout) image", ignored))
             continue
         studies.add(_uid(ds, "StudyInstanceUID"))
         series_uid = _uid(ds, "SeriesInstanceUID")
         if series_uid in roles and roles[series_uid][0] != role:
-            ignored.append(IgnoredItem(_source(ds), "mixed_series",
-                                       f"series {series_uid} mixes {roles[series_uid][0]} and {role} instances"))
+            ignored.append(_ignored(ds, "mixed_series",
+                                       f"series {series_uid} mixes {roles[series_uid][0]} and {role} instances", ignored))
             continue
         roles[series_uid] = (role, what)
         by_series.setdefault(series_uid, []).append(ds)

@@ -47,10 +47,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from scipy import ndimage
 
 from pipelines.dicom.volume import Volume
-from pipelines.errors import SegmentationError
+from pipelines.errors import LocusError, SegmentationError
 from pipelines.findings import CodedValue, Flag
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ class SegObject:
         self._labelmap: tuple[np.ndarray, np.ndarray, list] | None = None
         self._cache: dict[int, SourceRegion] = {}
         self._frame_table: tuple[tuple[np.ndarray, np.ndarray] | None, object] | None = None
+        _check_frame_count(ds, self.sop_instance_uid)
         self.reader = "fallback" if reader == "fallback" else "highdicom"
         if reader != "fallback":
             try:
@@ -420,14 +422,47 @@ class SegObject:
         return out
 
 
+def _check_frame_count(ds: Dataset, uid: str) -> None:
+    """Refuse a Number of Frames the object does not hold, before anything is sized by it.
+
+    A forged Number of Frames (e.g. 19000101 on a 3-frame SEG) made highdicom build
+    per-frame tables for 19 million frames: minutes of CPU and gigabytes for a 4 kB object
+    (found by tests/fuzz).  PS3.3 C.7.6.16: one Per-Frame Functional Groups item per frame;
+    PS3.5 8.1.1: native Pixel Data holds Rows x Columns x frames x Bits Allocated bits.
+    """
+    nf = int(ds.get("NumberOfFrames", 1) or 1)
+    if nf < 1:
+        raise SegmentationError(f"SEG {uid}: Number of Frames {nf}", code="seg_malformed")
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is not None and len(per) != nf:
+        raise SegmentationError(f"SEG {uid}: {len(per)} per-frame items for {nf} frames", code="seg_malformed")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and (syntax is None or not UID(str(syntax)).is_compressed):
+        bits = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * nf * int(ds.get("BitsAllocated", 1) or 1)
+        if len(ds.PixelData) < (bits + 7) // 8:
+            raise SegmentationError(
+                f"SEG {uid}: Pixel Data holds {len(ds.PixelData)} bytes, {nf} frames need {(bits + 7) // 8}",
+                code="seg_malformed",
+            )
+
+
 def read_segments(seg: Dataset | str | os.PathLike[str], *, reader: Reader = "auto") -> SegObject:
     """Parse a SEG dataset or file.  ``reader="fallback"`` forces the functional-group parser."""
     if isinstance(seg, (str, os.PathLike)):
         try:
             seg = pydicom.dcmread(Path(seg))
         except Exception as exc:
-            raise SegmentationError(f"cannot read SEG file {seg}: {exc}", code="seg_unreadable") from exc
-    return SegObject(seg, reader=reader)
+            raise SegmentationError(f"cannot read SEG file {Path(seg).name}: {exc}", code="seg_unreadable") from exc
+    try:
+        return SegObject(seg, reader=reader)
+    except LocusError:
+        raise
+    except Exception as exc:
+        # pydicom decodes values lazily and raises many types on a broken element (a US
+        # of odd length, a multi-valued Segment Number, an unknown VR...): a property of
+        # the received object, reported with a code (found by tests/fuzz).
+        raise SegmentationError(f"SEG attributes cannot be decoded: {type(exc).__name__}: {exc}",
+                                code="seg_malformed") from exc
 
 
 def _hd_affine(affine: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -209,14 +209,22 @@ def _parse_dt(value: object) -> datetime | None:
     t = _parse_time(s[8:]) if len(s) > 8 else timedelta(0)
     if t is None:
         return None
-    return datetime(*date) + t
+    return _at(date, t)
+
+
+def _at(date: tuple[int, int, int], t: timedelta) -> datetime | None:
+    """``date`` + ``t``, or None for a date that does not exist (e.g. 20250230: found by tests/fuzz)."""
+    try:
+        return datetime(*date) + t
+    except (ValueError, OverflowError):
+        return None
 
 
 def _combine(date_value: object, time_value: object) -> datetime | None:
     d, t = _parse_date(date_value), _parse_time(time_value)
     if d is None or t is None:
         return None
-    return datetime(*d) + t
+    return _at(d, t)
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -338,10 +346,20 @@ def _radiopharmaceutical(ds: Dataset) -> Dataset:
     return seq[0]  # type: ignore[index]
 
 
-def _series_facts(headers: Sequence[Dataset]) -> _Series:
+def _series_facts(headers: Sequence[Dataset], *, radiopharmaceutical: bool = True) -> _Series:
+    """Series-level facts, checked to agree across the instances.
+
+    With ``radiopharmaceutical=False`` (activity concentration only) the Radiopharmaceutical
+    Information Sequence (PS3.3 C.8.9.2) is not required: Bq/ml needs only Units and the
+    rescale (C.8.9.1.1.3), so a PET without it still has a quantitative value to report,
+    and dose, half-life and injection time are simply unknown.
+    """
     flags: list[Flag] = []
     units = _text(_same(headers, "Units")).upper()
     decay = _text(_same(headers, "DecayCorrection")).upper()
+    if not radiopharmaceutical:  # nor the patient's size: a broken PatientWeight cannot block Bq/ml
+        return _Series(units=units, decay_correction=decay, suv_type="", weight_kg=None, height_cm=None, sex="",
+                       dose_bq=None, half_life_s=None, injection=None, injection_time_only=None, flags=flags)
     suv_type = _text(_same(headers, "SUVType")).upper()
     sex = _text(_same(headers, "PatientSex")).upper()
     weight = _float(_same(headers, "PatientWeight"))
@@ -613,12 +631,33 @@ def _decay_factors(
                    code="unsupported_decay_correction")
 
 
+def _decoded(what: str, fn: Callable[[], SuvConversion]) -> SuvConversion:
+    """Run ``fn``; an attribute pydicom cannot decode is an :class:`SuvError`, not a crash.
+
+    Headers are received data and pydicom converts values lazily: a US of odd length
+    raises BytesLengthException, "1e309" in an IS OverflowError, an unknown VR
+    NotImplementedError (all found by tests/fuzz).  Such a header is unusable for
+    ``what``; the study records code ``invalid_pet_header`` with the cause.
+    """
+    try:
+        return fn()
+    except SuvError:
+        raise
+    except Exception as exc:
+        raise SuvError(f"a PET header attribute cannot be decoded ({what}): {type(exc).__name__}: {exc}",
+                       code="invalid_pet_header") from exc
+
+
 def compute_suv(headers: Sequence[Dataset], kind: SuvKind = SuvKind.SUV_BW) -> SuvConversion:
     """SUV conversion factors for the instances of one PET series (headers suffice).
 
     Raises :class:`SuvError` (with a ``code``) when SUV cannot be computed; see
     :func:`suv_or_fallback` for the Bq/ml fallback.
     """
+    return _decoded("SUV", lambda: _compute_suv(headers, kind))
+
+
+def _compute_suv(headers: Sequence[Dataset], kind: SuvKind) -> SuvConversion:
     if kind == SuvKind.BQML:
         raise SuvError("compute_suv computes SUVs; use activity_concentration for Bq/ml", code="unsupported_suv_kind")
     if not headers:
@@ -685,9 +724,13 @@ def compute_suv(headers: Sequence[Dataset], kind: SuvKind = SuvKind.SUV_BW) -> S
 
 def activity_concentration(headers: Sequence[Dataset]) -> SuvConversion:
     """Factors from rescaled values to Bq/ml (Units BQML, or CNTS with a Philips activity factor)."""
+    return _decoded("activity concentration", lambda: _activity_concentration(headers))
+
+
+def _activity_concentration(headers: Sequence[Dataset]) -> SuvConversion:
     if not headers:
         raise SuvError("no PET instances given", code="empty_series")
-    s = _series_facts(headers)
+    s = _series_facts(headers, radiopharmaceutical=False)
     factors, why_not = _activity_factors(headers, s)
     if why_not:
         raise SuvError(f"{why_not}; not even activity concentration is available", code="unsupported_units")

@@ -841,9 +841,9 @@ def _study_findings_group(encoding: StudyEncoding, study_uid: str,
 
 
 def _study_notes(flags: Sequence[Flag], suv: SuvInfo | None, lesions: Sequence[Lesion]) -> list[TextContentItem]:
-    notes = [_flag_text(f) for f in flags]
-    if suv is not None:
-        notes.extend(_flag_text(f) for f in suv.flags)
+    # The analysis copies the SUV flags into the study flags too: each note is written once.
+    extra = [f for f in (suv.flags if suv is not None else ()) if f not in flags]
+    notes = [_flag_text(f) for f in (*flags, *extra)]
     if not lesions:
         notes.append(_text(codes.COMMENT, "No lesion was measured in this study version."))
     return notes

@@ -26,7 +26,6 @@ import pydicom
 import pydicom.multival
 from highdicom.sr import CodedConcept, MeasurementReport
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.coding import Code
 
 from pipelines.errors import ReportError
@@ -289,6 +288,29 @@ def read_measurement_report(source: str | Path | Dataset) -> ReadReport:
     """
     owned = not isinstance(source, Dataset)  # a dataset we read ourselves may be converted in place
     ds = _load(source)
+    try:
+        result = _read_report(ds, owned)
+    except ReportError:
+        raise
+    except Exception as exc:
+        # A received SR is untrusted input: pydicom decodes values lazily and raises many
+        # types on a broken element (NotImplementedError for an unknown VR, struct.error,
+        # BytesLengthException, OSError on a cut sequence, ...), highdicom others again.
+        # Each is a property of the object, reported with a code (found by tests/fuzz).
+        raise ReportError(f"cannot parse TID 1500 content of SR {_safe_uid(ds)}: {type(exc).__name__}: {exc}",
+                          code="sr_unparseable") from exc
+    logger.debug("read TID 1500 SR %s: %d lesion groups", result.sop_instance_uid, len(result.lesions))
+    return result
+
+
+def _safe_uid(ds: Dataset) -> str:
+    try:
+        return str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:  # the UID element itself is what is broken
+        return "(undecodable SOP Instance UID)"
+
+
+def _read_report(ds: Dataset, owned: bool) -> ReadReport:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in _SR_CLASSES:
         raise NotAMeasurementReport(
@@ -299,19 +321,11 @@ def read_measurement_report(source: str | Path | Dataset) -> ReadReport:
         raise NotAMeasurementReport(
             f"SR {ds.get('SOPInstanceUID', '')} ({title!r}) does not declare template TID 1500"
         )
-    try:
-        sr = _SR_CLASSES[sop_class].from_dataset(ds, copy=not owned)
-        report = sr.content
-        if not isinstance(report, MeasurementReport):
-            raise NotAMeasurementReport(f"SR {ds.SOPInstanceUID} content is not a TID 1500 Measurement Report")
-        result = _read(ds, report)
-    except ReportError:
-        raise
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        raise ReportError(f"cannot parse TID 1500 content of SR {ds.get('SOPInstanceUID', '')}: {exc}",
-                          code="sr_unparseable") from exc
-    logger.debug("read TID 1500 SR %s: %d lesion groups", result.sop_instance_uid, len(result.lesions))
-    return result
+    sr = _SR_CLASSES[sop_class].from_dataset(ds, copy=not owned)
+    report = sr.content
+    if not isinstance(report, MeasurementReport):
+        raise NotAMeasurementReport(f"SR {ds.SOPInstanceUID} content is not a TID 1500 Measurement Report")
+    return _read(ds, report)
 
 
 def _load(source: str | Path | Dataset) -> Dataset:
@@ -319,8 +333,9 @@ def _load(source: str | Path | Dataset) -> Dataset:
         return source
     try:
         return pydicom.dcmread(str(source))
-    except (InvalidDicomError, OSError, EOFError) as exc:
-        raise ReportError(f"cannot read DICOM file {source}: {exc}", code="sr_unreadable") from exc
+    except Exception as exc:  # InvalidDicomError, OSError, EOFError, struct.error, ... on a broken file
+        raise ReportError(f"cannot read DICOM file {Path(source).name}: {type(exc).__name__}: {exc}",
+                          code="sr_unreadable") from exc
 
 
 # --------------------------------------------------------------------------------------

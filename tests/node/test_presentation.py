@@ -80,6 +80,8 @@ def test_hu_rounding_and_singular_are_shared() -> None:
     one = _result()
     one["lesions"] = one["lesions"][:1]
     assert "1 lesion" in _render(one, 200) and "1 lesions" not in _render(one, 200)
+
+
 def test_no_report_outcome_shows_its_reason_in_the_table() -> None:
     result = {"study_instance_uid": "1.2.3", "lesions": [],
               "flags": [{"code": "no_seg", "message": "the study holds no SEG object: no lesions to measure, no report"}]}
@@ -119,3 +121,26 @@ def test_site_column_falls_back_to_the_segs_own_region() -> None:
     assert lesion_site(les) == "Liver (from the SEG)"
     assert lesion_site({"localization": {"site": {"name": "Lung"}}, "seg_anatomic_regions": []}) == "Lung"
     assert lesion_site({}) == "-"
+
+
+def test_bqml_fallback_names_activity_not_suv() -> None:
+    """Issue 12, defect 3: without SUV the values are Bq/ml activity, not SUVmax, and no TLG."""
+    result = {
+        "study_instance_uid": "1.2.3",
+        "suv": {"kind": "Bq/mL", "unit": "Bq/ml"},
+        "lesions": [{
+            "lesion_id": "S1", "segment_number": 1, "segment_label": "lesion",
+            "measurements": {"suv_max": 41234.5, "suv_mean": 20000.25, "suv_peak": 30000.0, "volume_ml": 1.5,
+                             "tlg": 30000.375, "ct_mean_hu": None},
+        }],
+        "flags": [{"code": "suv_fallback_bqml", "message": "SUV not computed (missing_radiopharmaceutical)"}],
+    }
+    out = io.StringIO()
+    print_lesion_table(result, Console(file=out, width=300, color_system=None))
+    text = out.getvalue()
+    assert "activity max" in text and "[Bq/ml]" in text and "activity peak" in text
+    assert "SUVmax" not in text and "SUVpeak" not in text
+    assert "41234.50" in text and "30000.38" not in text  # TLG is not shown in Bq/ml
+    narrow = io.StringIO()
+    print_lesion_table(result, Console(file=narrow, width=80, color_system=None))
+    assert "activity max 41234.50" in narrow.getvalue() and "SUVmax" not in narrow.getvalue()

@@ -49,7 +49,7 @@ def test_defaults_live_under_one_data_dir(tmp_path: Path) -> None:
     assert s.storage.reports_dir == data / "reports"
     assert s.database.url == f"sqlite:///{data / 'locus.db'}"
     assert s.broker.url == f"sqla+sqlite:///{data / 'broker.db'}"
-    assert s.broker.result_backend is None
+    assert "result_backend" not in type(s.broker).model_fields
     assert s.database.is_sqlite and s.database.should_auto_upgrade
     assert (s.dicom.ae_title, s.dicom.port, s.dicom.allowed_callers) == ("LOCUS", 11112, [])
     assert (s.completion.series_quiet_s, s.completion.study_quiet_s, s.completion.sweep_interval_s) == (5, 60, 1)
@@ -247,3 +247,33 @@ def test_usable_cores_follow_affinity_and_cgroup_quota(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(root, proc_cgroup) is None
     assert cgroup_cpu_limit(root, tmp_path / "absent") is None
     assert 1 <= usable_cpu_count() <= len(os.sched_getaffinity(0))
+
+
+def test_retired_result_backend_is_ignored_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12, defect 7: ``broker.result_backend`` was never applied and is removed.
+
+    An old config that still sets it (TOML or environment) keeps loading, with a WARNING
+    naming the setting, and the Celery app still runs without a result backend.
+    """
+    from node.tasks.celery_app import configure_app
+
+    cfg = tmp_path / "old.toml"
+    cfg.write_text('[broker]\nurl = "redis://127.0.0.1:6379/0"\nresult_backend = "redis://127.0.0.1:6379/1"\n')
+    with caplog.at_level("WARNING", logger="node.settings"):
+        s = LocusSettings.load(cfg)
+    assert s.broker.url == "redis://127.0.0.1:6379/0" and not hasattr(s.broker, "result_backend")
+    assert any("broker.result_backend" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setenv("LOCUS_BROKER__RESULT_BACKEND", "db+sqlite:///results.db")
+    with caplog.at_level("WARNING", logger="node.settings"):
+        LocusSettings.load()
+    assert any("LOCUS_BROKER__RESULT_BACKEND" in r.getMessage() for r in caplog.records)
+    app = configure_app(s.broker)
+    assert app.conf.result_backend is None and app.conf.task_ignore_result is True
+    caplog.clear()
+    monkeypatch.delenv("LOCUS_BROKER__RESULT_BACKEND")
+    with caplog.at_level("WARNING", logger="node.settings"):
+        LocusSettings.load()
+    assert not caplog.records  # a config without it says nothing

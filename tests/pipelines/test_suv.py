@@ -301,6 +301,24 @@ def test_missing_dose_falls_back_to_bqml(data_dir: Path) -> None:
     assert suv_or_fallback(headers).info.flags[0].code == "suv_fallback_bqml"
 
 
+def test_missing_radiopharmaceutical_sequence_falls_back_to_bqml(data_dir: Path) -> None:
+    """Issue 12, defect 3: no Radiopharmaceutical Information Sequence at all is still Bq/ml."""
+    for case in ("GE_MEDICAL_AND_BQML", "PHILIPS_CNTS_AND_BQML_SUV"):
+        def no_sequence(ds: Dataset) -> None:
+            del ds.RadiopharmaceuticalInformationSequence
+            if case.startswith("PHILIPS"):  # only the activity factor: the SUV factor would bypass the dose
+                del ds[0x70531000]
+
+        headers = _edited(data_dir, case, no_sequence)
+        assert _suv_code(headers) == "missing_radiopharmaceutical"
+        conv = suv_or_fallback(headers)
+        assert conv.info.kind == SuvKind.BQML and conv.info.unit == "Bq/ml"
+        assert conv.info.flags[0].code == "suv_fallback_bqml"
+        assert "missing_radiopharmaceutical" in conv.info.flags[0].message
+        assert set(conv.factors) == {(ds.SOPInstanceUID, None) for ds in headers}
+        assert all(v > 0 for v in conv.factors.values())
+
+
 def test_cnts_activity_factor_fallback_and_no_factor(data_dir: Path) -> None:
     # CNTS with only the activity factor: fallback values are Bq/ml = counts x ACSF
     def only_acsf(ds: Dataset) -> None:
