@@ -618,3 +618,14 @@ def study_calling_aes(session: Session, study_uid: str) -> list[str]:
         .distinct()
     )
     return sorted(r for r in rows if r)
+
+
+def indexed_instances(session: Session, sop_uids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """SOP Instance UID -> (SOP Class UID, spool path) of those of ``sop_uids`` that are
+    indexed: what a Storage Commitment answer (PS3.4 J.3) may call committed."""
+    return {
+        str(sop): (str(sop_class), str(path))
+        for sop, sop_class, path in session.execute(
+            select(Instance.sop_uid, Instance.sop_class_uid, Instance.path).where(Instance.sop_uid.in_(list(sop_uids)))
+        )
+    }

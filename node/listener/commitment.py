@@ -32,9 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from sqlalchemy import select
-
-from node.db.models import Instance
+from node.db import repo
 from node.storage import is_valid_uid
 
 if TYPE_CHECKING:
@@ -102,15 +100,10 @@ def check_commitment(
     """Which of ``references`` (SOP Class UID, SOP Instance UID) are committed."""
     refs = list(references)
     uids = [i for _, i in refs if is_valid_uid(i)]
-    with ctx.db.session(readonly=True) as session:
-        rows = {
-            sop: (sop_class, path)
-            for sop, sop_class, path in session.execute(
-                select(Instance.sop_uid, Instance.sop_class_uid, Instance.path).where(
-                    Instance.sop_uid.in_(uids)
-                )
-            )
-        } if uids else {}
+    rows: dict[str, tuple[str, str]] = {}
+    if uids:
+        with ctx.db.session(readonly=True) as session:
+            rows = repo.indexed_instances(session, uids)
     committed: list[tuple[str, str]] = []
     failed: list[tuple[str, str, int]] = []
     for sop_class, sop_uid in refs:
