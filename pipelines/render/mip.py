@@ -47,12 +47,12 @@ class Mip:
 
     def pixel_to_index(self, row: float, col: float, depth: float | None = None) -> np.ndarray:
         """Voxel index (i, j, k) of a pixel; ``depth`` defaults to the arg-max depth of that pixel."""
-        d = float(self.depth[int(round(row)), int(round(col))]) if depth is None else float(depth)
+        d = float(self.depth[round(row), round(col)]) if depth is None else float(depth)
         return (self.index_affine @ np.array([row, col, d, 1.0]))[:3]
 
     def pixel_to_lps(self, row: float, col: float, depth: float | None = None) -> np.ndarray:
         """Patient LPS (mm) of a pixel at ``depth`` (default: where its maximum lies — the back-projection)."""
-        d = float(self.depth[int(round(row)), int(round(col))]) if depth is None else float(depth)
+        d = float(self.depth[round(row), round(col)]) if depth is None else float(depth)
         return (self.affine @ np.array([row, col, d, 1.0]))[:3]
 
     def lps_to_pixel(self, xyz: np.ndarray) -> np.ndarray:

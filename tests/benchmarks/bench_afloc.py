@@ -78,7 +78,7 @@ def main() -> None:
     from pipelines.render.mip import render_mips
 
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:3000, 0:2500] / np.array([3000.0, 2500.0])[:, None, None]
+    _, x = np.mgrid[0:3000, 0:2500] / np.array([3000.0, 2500.0])[:, None, None]
     cr = np.rint(4095 * np.clip(0.6 * np.exp(-((x - 0.5) ** 2) / 0.08) + 0.05 * rng.standard_normal((3000, 2500)), 0, 1))
     cr = cr.astype(np.uint16)
     with tempfile.TemporaryDirectory() as tmp:

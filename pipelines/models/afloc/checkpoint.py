@@ -123,7 +123,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._placeholders: dict[tuple[str, str], type[Placeholder]] = {}
         self.used_placeholders: set[str] = set()
 
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+    def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor_v2
         if module == "torch._utils" and name == "_rebuild_parameter":

@@ -52,15 +52,15 @@ class AflocEncoder:
 
     def __init__(self, config: AflocConfig, *, device: str = "cpu") -> None:
         self.config = config
-        self.checkpoint: AflocCheckpoint = read_checkpoint(config.checkpoint, expected_sha256=config.expected_sha256)
-        self.model: AflocModel = build_model(config.text_dir)
-        load_strict(self.model, self.checkpoint.state_dict)
-        self.model.eval().to(device)
+        self.model, self.checkpoint = load_model(config.checkpoint, config.text_dir,
+                                                 expected_sha256=config.expected_sha256)  # fmt: skip
+        self.model.to(device)
         self.device = device
         self.weights_sha256 = weights_digest(self.checkpoint.state_dict)
         vocab = Path(config.text_dir) / "vocab.txt"
         self.vocab_sha256 = sha256_file(vocab) if vocab.is_file() else ""
         self.prompt_set: AflocPromptSet = load_afloc_prompt_set(config.prompt_set)
+        self._report_cache: dict[str, torch.Tensor] = {}  # phrase -> report embedding (image-independent)
         log.info("AFLoc loaded: ckpt sha256=%s weights=%s vocab=%s adjustments=%s", self.checkpoint.sha256[:12],
                  self.weights_sha256[:12], self.vocab_sha256[:12], list(self.checkpoint.adjustments))  # fmt: skip
 
@@ -91,15 +91,40 @@ class AflocEncoder:
 
     @torch.no_grad()
     def report_embeddings(self, phrases: list[str]) -> torch.Tensor:
-        return self.model.encode_text(phrases).report.cpu()
+        """``[N, D]`` report embeddings; computed once per phrase (they do not depend on the image).
+
+        Batched and single-prompt encodings are identical upstream (§5.2), so caching and batching
+        change no number.
+        """
+        todo = list(dict.fromkeys(p for p in phrases if p not in self._report_cache))
+        if todo:
+            reports = self.model.encode_text(todo).report.cpu()
+            for p, r in zip(todo, reports):
+                self._report_cache[p] = r
+        return torch.stack([self._report_cache[p] for p in phrases])
 
     def localize(self, image: ImageEncoding, phrases: list[str], *, margin: bool = False) -> list[np.ndarray]:
         """One [−1, 1] map per phrase (the §7 recipe; ``margin=True`` for the evaluation protocol)."""
         reports = self.report_embeddings(phrases)
         return [maps.localization_map(image.local, reports[i], margin=margin) for i in range(len(phrases))]
 
-    def classify(self, image: ImageEncoding) -> list[zeroshot.ZeroShotScore]:
+    def classify(self, image: ImageEncoding, *, rule: str = "cosine") -> list[zeroshot.ZeroShotScore]:
+        """Paired-negation zero-shot scores for every finding of the prompt set (see :mod:`.zeroshot`)."""
         ps = self.prompt_set
         pos = self.report_embeddings([ps.positive(f) for f in ps.findings])
         neg = self.report_embeddings([ps.negative(f) for f in ps.findings])
-        return zeroshot.paired_scores(image.global_emb, pos, neg, ps)
+        return zeroshot.paired_scores(image.global_emb, pos, neg, ps, rule=rule)
+
+
+def load_model(checkpoint: str | Path, text_dir: str | Path, *,
+               expected_sha256: str = "") -> tuple[AflocModel, AflocCheckpoint]:  # fmt: skip
+    """Build the architecture offline and load ``checkpoint`` strictly (eval mode, CPU, fp32).
+
+    The same entry point as the other families (``itemizedclip.model.load_model``).
+    """
+    ckpt = read_checkpoint(checkpoint, expected_sha256=expected_sha256)
+    model = build_model(text_dir)
+    load_strict(model, ckpt.state_dict)
+    model.eval()
+    log.info("AFLoc loaded: sha256=%s adjustments=%s", ckpt.sha256[:12], list(ckpt.adjustments))
+    return model, ckpt

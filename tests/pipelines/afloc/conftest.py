@@ -136,9 +136,10 @@ def envelope(state_dict: dict[str, torch.Tensor], extra_hp: Any = None, config: 
             "epoch": 3,
             "global_step": 1234,
             "pytorch-lightning_version": "1.1.4",
-            "callbacks": {classes["ModelCheckpoint"]: {"monitor": "val_loss", "best_model_score": torch.tensor(1.5),
-                                                      "best_model_path": "x.ckpt", "current_score": torch.tensor(1.7),
-                                                      "dirpath": "ckpt"}},  # fmt: skip
+            "callbacks": {classes["ModelCheckpoint"]: {
+                "monitor": "val_loss", "best_model_score": torch.tensor(1.5), "best_model_path": "x.ckpt",
+                "current_score": torch.tensor(1.7), "dirpath": "ckpt",
+            }},
             "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 2e-5}]}],
             "lr_schedulers": [{"step_size": 1, "gamma": 0.9}],
             "native_amp_scaling_state": {"scale": 65536.0, "_growth_tracker": 0},

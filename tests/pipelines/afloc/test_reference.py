@@ -100,6 +100,9 @@ def test_equivalence_to_the_contract(afloc_assets: dict[str, Any]) -> None:
         hs = bert(ref_ids["input_ids"], ref_ids["attention_mask"], ref_ids["token_type_ids"],
                   output_hidden_states=True).hidden_states  # fmt: skip
     reports = enc.report_embeddings(phrases)
+    with torch.no_grad():
+        single = enc.model.encode_text([phrases[1]]).report[0]
+    torch.testing.assert_close(single, reports[1], rtol=1e-5, atol=1e-6)  # batched == one at a time (§5.2)
     for b in range(len(phrases)):
         sep = int((ref_ids["input_ids"][b] == tok.sep_token_id).nonzero()[0])
         r = sum(h[b, : sep + 1].sum(0) for h in hs[-4:]) / 97

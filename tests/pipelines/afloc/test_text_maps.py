@@ -156,3 +156,8 @@ def test_prompt_set_and_zero_shot(tmp_path: Path) -> None:
     assert scores[0].probability == pytest.approx(1 / (1 + np.exp(-10.0)))
     assert scores[1].probability == pytest.approx(0.5)
     assert [s.finding_id for s in scores] == ps.ids
+    raw = zeroshot.paired_scores(g, pos, neg, ps, rule="raw-dot")  # unnormalised dot, no scale
+    assert raw[0].probability == pytest.approx(1 / (1 + np.exp(-1.0)))
+    assert raw[1].probability == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        zeroshot.paired_scores(g, pos, neg, ps, rule="softmax")
