@@ -22,6 +22,7 @@ Two 8-bit conversions exist upstream and both are provided, named for what they 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,8 +92,17 @@ class Letterbox:
         return IMAGE_SIZE / max(self.source_rows, self.source_cols)
 
     def frame_to_source(self, row: float, col: float) -> tuple[float, float]:
-        """Continuous frame (row, col) → continuous source (row, col) (pixel-centre convention of INTER_AREA)."""
-        return ((row - self.pad_top) * self.source_rows / self.rows, (col - self.pad_left) * self.source_cols / self.cols)
+        """Continuous frame (row, col) → continuous source (row, col), pixel edges at integers.
+
+        Inverse of the reference's box transfer (``eval/box_transfer.py``: scale by
+        ``224 / max(H, W)``, then offset by the pad), so a map region and a ground-truth box
+        meet in the same frame.
+        """
+        return ((row - self.pad_top) / self.scale, (col - self.pad_left) / self.scale)
+
+    def source_to_frame(self, row: float, col: float) -> tuple[float, float]:
+        """Continuous source (row, col) → continuous frame (row, col); inverse of :meth:`frame_to_source`."""
+        return (row * self.scale + self.pad_top, col * self.scale + self.pad_left)
 
 
 def resized_shape(rows: int, cols: int, size: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -137,6 +147,20 @@ def to_tensor(img224: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div(255)
     t = t.sub(0.5).div(0.5)
     return t.unsqueeze(0).expand(3, -1, -1).unsqueeze(0).contiguous()
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """``cv2.imread(path, 0)`` as the reference reads PNG/JPEG files (16-bit PNG: high byte, §3.1)."""
+    p = Path(path)
+    img = _cv2().imread(str(p), _cv2().IMREAD_GRAYSCALE)
+    if img is None:
+        raise InputError(f"cannot read image file {p.name}", code="afloc_image_unreadable")
+    return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def preprocess_file(path: str | Path) -> tuple[torch.Tensor, Letterbox]:
+    """Image file → model input exactly as ``AFLoc.process_img`` at inference (imsize 224, no equalisation)."""
+    return preprocess_uint8(read_image_file(path))
 
 
 def preprocess_uint8(img8: np.ndarray) -> tuple[torch.Tensor, Letterbox]:

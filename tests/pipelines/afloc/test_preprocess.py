@@ -104,8 +104,24 @@ def test_pad_left_right_for_portrait_and_tensor() -> None:
     assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 1], x[0, 2])
     assert float(x[0, 0, 100, 0]) == -1.0 and float(x[0, 0, 100, 223]) == -1.0  # zero pad -> -1
     assert abs(float(x[0, 0, 100, 100]) - (2 * 200 / 255 - 1)) < 1e-6
-    r0, c0 = box.frame_to_source(0, 37)
-    assert (r0, c0) == (0.0, 0.0)
+    assert box.frame_to_source(0, 37) == (0.0, 0.0)
+    r, c = box.frame_to_source(*box.source_to_frame(123.0, 45.0))
+    assert abs(r - 123.0) < 1e-9 and abs(c - 45.0) < 1e-9
+
+
+def test_png_files_read_like_the_reference(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import cv2
+
+    x16 = _radiograph(300, 260, 16, seed=4)
+    cv2.imwrite(str(tmp_path / "r16.png"), x16)
+    np.testing.assert_array_equal(pp.read_image_file(tmp_path / "r16.png"), (x16 >> 8).astype(np.uint8))
+    x8 = _radiograph(300, 260, 8, seed=4)
+    cv2.imwrite(str(tmp_path / "r8.png"), x8)
+    t, box = pp.preprocess_file(tmp_path / "r8.png")
+    t2, _ = pp.preprocess_uint8(x8)
+    assert torch.equal(t, t2) and box.cols == int(260 * (224 / 300))
+    with pytest.raises(InputError, match="cannot read"):
+        pp.read_image_file(tmp_path / "missing.png")
 
 
 def test_to_tensor_is_two_v_over_255_minus_one() -> None:
