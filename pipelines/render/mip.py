@@ -22,12 +22,21 @@ coordinates right.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from pipelines.dicom.volume import Volume
 from pipelines.errors import GeometryError
+
+if TYPE_CHECKING:  # the renderer needs only .array and .affine (no SimpleITK/pydicom import at run time)
+    from pipelines.dicom.volume import Volume  # noqa: F401
+
+
+class VolumeLike(Protocol):
+    """What a MIP needs: a ``[k, j, i]`` array and the 4×4 index → LPS affine (``pipelines.dicom.volume.Volume``)."""
+
+    array: np.ndarray
+    affine: np.ndarray
 
 View = Literal["coronal", "sagittal"]
 #: (projection LPS axis, column LPS axis) per view; rows are always LPS z, head first.
@@ -61,11 +70,12 @@ class Mip:
         return (np.linalg.inv(self.affine) @ v)[:3]
 
 
-def _axis_pairing(volume: Volume) -> tuple[list[int], list[float]]:
+def _axis_pairing(affine: np.ndarray) -> tuple[list[int], list[float]]:
     """For LPS axis x, y, z: the voxel axis (0=i, 1=j, 2=k) along it and that axis's sign."""
-    if not volume.is_orthogonal():
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    d = m / np.linalg.norm(m, axis=0, keepdims=True)  # columns: unit i, j, k directions in LPS
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-3):
         raise GeometryError("MIP needs an orthogonal volume (sheared/tilted geometry)", code="sheared_geometry")
-    d = volume.direction  # columns: unit i, j, k directions in LPS
     dominant = [int(np.argmax(np.abs(d[:, a]))) for a in range(3)]
     if sorted(dominant) != [0, 1, 2]:
         raise GeometryError("volume axes are too oblique to pair with patient axes for a MIP", code="oblique_geometry")
@@ -74,12 +84,15 @@ def _axis_pairing(volume: Volume) -> tuple[list[int], list[float]]:
     return voxel_axis, sign
 
 
-def render_mip(volume: Volume, view: View = "coronal") -> Mip:
+def render_mip(volume: VolumeLike, view: View = "coronal") -> Mip:
     """Maximum-intensity projection of ``volume`` (e.g. SUV) in ``view`` with its geometry."""
     if view not in _VIEWS:
         raise ValueError(f"view must be one of {sorted(_VIEWS)}, not {view!r}")
     proj_lps, col_lps = _VIEWS[view]
-    voxel_axis, sign = _axis_pairing(volume)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or np.asarray(volume.array).ndim != 3:
+        raise ValueError("MIP needs a 3-D [k, j, i] array and a 4x4 affine")
+    voxel_axis, sign = _axis_pairing(affine)
     arr_ijk = np.asarray(volume.array).transpose(2, 1, 0)  # Volume arrays are [k, j, i]
     shape = arr_ijk.shape
     row_ax, col_ax, dep_ax = voxel_axis[2], voxel_axis[col_lps], voxel_axis[proj_lps]
@@ -104,20 +117,20 @@ def render_mip(volume: Volume, view: View = "coronal") -> Mip:
     m[col_ax, 1] = -1.0 if flip_col else 1.0
     m[col_ax, 3] = shape[col_ax] - 1 if flip_col else 0.0
     m[dep_ax, 2] = 1.0
-    spacing = volume.spacing
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return Mip(
         view=view,
         image=image,
         depth=depth.astype(np.int64),
         index_affine=m,
-        affine=volume.affine @ m,
+        affine=affine @ m,
         pixel_spacing_mm=(float(spacing[row_ax]), float(spacing[col_ax])),
-        frame_of_reference_uid=volume.frame_of_reference_uid,
-        series_instance_uid=volume.series_instance_uid,
+        frame_of_reference_uid=str(getattr(volume, "frame_of_reference_uid", "")),
+        series_instance_uid=str(getattr(volume, "series_instance_uid", "")),
     )
 
 
-def render_mips(volume: Volume) -> dict[str, Mip]:
+def render_mips(volume: VolumeLike) -> dict[str, Mip]:
     """Coronal and sagittal MIPs of one volume."""
     return {v: render_mip(volume, v) for v in ("coronal", "sagittal")}
 

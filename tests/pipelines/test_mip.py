@@ -127,3 +127,17 @@ def test_real_ge_pet_hottest_voxel_back_projects(data_dir) -> None:  # type: ign
     uid, _frame = vol.slice_sources[k]
     ds = next(h for h in headers if h.SOPInstanceUID == uid)
     assert abs(float(ds.ImagePositionPatient[2]) - hottest[2]) < 0.05
+
+
+def test_plain_array_and_affine_for_the_console() -> None:
+    """The console passes what it has (an array and an affine); the renderer imports no DICOM/ITK stack."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    vol = _volume(IDENTITY, (4, 5, 6))
+    plain = render_mip(SimpleNamespace(array=vol.array, affine=vol.affine), "coronal")
+    np.testing.assert_array_equal(plain.image, render_mip(vol, "coronal").image)
+    code = "import sys, pipelines.render.mip; print(sorted(m for m in ('SimpleITK', 'pydicom', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
