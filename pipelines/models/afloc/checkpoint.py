@@ -59,7 +59,7 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "BoolStorage": torch.bool,
 }
 _BUILTINS = {
-    "int": int, "long": int, "float": float, "str": str, "unicode": str, "bool": bool, "bytes": bytes,
+    "int": int, "long": int, "float": float, "str": str, "unicode": str, "bool": bool,
     "list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset, "complex": complex,
 }  # fmt: skip
 #: Envelope globals that are turned into inert placeholders (§6.1, §6.4); anything else refuses the file.

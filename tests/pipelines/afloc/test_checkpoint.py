@@ -119,3 +119,26 @@ def test_malicious_pickle_refused_and_nothing_executes(afloc_assets: dict[str, A
     with pytest.raises(ModelError):
         AflocEncoder(AflocConfig(tmp_path / "x.ckpt", afloc_assets["text_dir"]))
     assert not marker.exists()
+
+
+def test_envelope_pickled_by_real_omegaconf_2_0_5() -> None:
+    """A checkpoint whose ``hyper_parameters`` were pickled by the real OmegaConf 2.0.5 (``data/omegaconf205_envelope.ckpt``).
+
+    Made once with ``pip install --target`` of omegaconf 2.0.5 (not a Locus dependency):
+    ``OmegaConf.create({...})`` as ``hyper_parameters``, a ``ModelCheckpoint`` class key under the
+    Lightning module name, ``torch.save(..., pickle_protocol=2)``.  The reader recovers the config
+    as plain data without OmegaConf, and the globals it met are exactly the contract's list (§6.4).
+    """
+    ckpt = read_checkpoint(Path(__file__).parent / "data" / "omegaconf205_envelope.ckpt")
+    assert ckpt.hyper_parameters == {
+        "phase": "pretrain",
+        "model": {"afloc": {"temp1": 4.0}, "text": {"bert_type": "x", "last_n_layers": 4}},
+        "data": {"text": {"word_num": 97}, "image": {"imsize": 256}},
+        "lightning": {"trainer": {"gpus": [0, 1]}},
+    }
+    assert set(ckpt.placeholders) == {
+        "collections.defaultdict", "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata",
+        "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.nodes.AnyNode",
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint", "typing.Any",
+    }  # fmt: skip
+    assert torch.equal(ckpt.state_dict["img_encoder.global_embedder.bias"], torch.arange(4.0))
