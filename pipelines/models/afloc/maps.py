@@ -73,9 +73,19 @@ def minmax(m: np.ndarray) -> np.ndarray:
     return (m - lo) / (hi - lo) * 2 - 1
 
 
-def localization_map(local: torch.Tensor, report: torch.Tensor, *, margin: bool = True) -> np.ndarray:
-    """The full recipe: float32 ``[224,224]`` in [−1, 1] (NaN border when ``margin``)."""
-    up = upsample(smooth(raw_map(local, report)))
+def stored_map(local: torch.Tensor, report: torch.Tensor) -> np.ndarray:
+    """Steps 1–3: the unnormalised float32 ``[224,224]`` map the reference stores per image and phrase."""
+    return upsample(smooth(raw_map(local, report)))
+
+
+def localization_map(local: torch.Tensor, report: torch.Tensor, *, margin: bool) -> np.ndarray:
+    """The full recipe: float32 ``[224,224]`` in [−1, 1].
+
+    ``margin=True`` is the evaluation protocol (``inference.py:84``: 14-pixel NaN border before
+    min–max); ``margin=False`` normalises the whole map (display).  No default: the two differ
+    inside the frame too, because the border changes min and max.
+    """
+    up = stored_map(local, report)
     return minmax(set_margin(up) if margin else up)
 
 

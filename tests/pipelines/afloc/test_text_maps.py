@@ -110,6 +110,7 @@ def test_map_recipe_on_hand_made_features() -> None:
     assert abs((r + 0.5) * 19 / 224 - 0.5 - 5) < 0.6 and abs((c + 0.5) * 19 / 224 - 0.5 - 12) < 0.6
     # Independent float64 re-implementation of §7 (reflect Gaussian, half-pixel bilinear, min-max).
     ref = _numpy_bilinear(_numpy_gauss_reflect(raw), 224)
+    np.testing.assert_allclose(maps.stored_map(local, t), ref, atol=1e-6)  # unnormalised, as the reference stores it
     ref = (ref - ref.min()) / (ref.max() - ref.min()) * 2 - 1
     np.testing.assert_allclose(m, ref, atol=1e-5)
     mm = maps.localization_map(local, t, margin=True)
@@ -132,7 +133,7 @@ def test_border_reflect_matters() -> None:
 
 def test_flat_map_refused() -> None:
     with pytest.raises(ModelError, match="constant"):
-        maps.localization_map(torch.zeros(4, 19, 19), torch.ones(4))
+        maps.localization_map(torch.zeros(4, 19, 19), torch.ones(4), margin=False)
 
 
 def test_prompt_set_and_zero_shot(tmp_path: Path) -> None:
