@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from pipelines.errors import ModelError
-from pipelines.models.checkpoints import sha256_bytes
+from pipelines.models.checkpoints import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +237,19 @@ class AflocCheckpoint:
             return None
 
 
-def read_pickle_archive(data: bytes) -> tuple[Any, set[str]]:
-    """Unpickle the torch zip in ``data`` with :class:`RestrictedUnpickler`; (object, placeholder globals)."""
-    if not zipfile.is_zipfile(io.BytesIO(data)):
+def read_pickle_archive(source: bytes | str | Path) -> tuple[Any, set[str]]:
+    """Unpickle the torch zip (bytes or a path) with :class:`RestrictedUnpickler`; (object, placeholder globals).
+
+    A path is read member by member (the file is not loaded whole: real checkpoints carry about
+    twice their weights in optimizer state).
+    """
+    handle: Any = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    if not zipfile.is_zipfile(handle):
         raise ModelError("checkpoint refused: not a torch zip archive (the legacy pickle-only format is not read)",
                          code="checkpoint_unreadable")  # fmt: skip
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    if isinstance(handle, io.BytesIO):
+        handle.seek(0)
+    with zipfile.ZipFile(handle) as archive:
         pkls = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise ModelError(f"checkpoint refused: expected one */data.pkl, found {len(pkls)}", code="checkpoint_unreadable")
@@ -291,12 +298,11 @@ def read_checkpoint(path: str | Path, *, expected_sha256: str = "") -> AflocChec
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"AFLoc checkpoint not found: {p.name}", code="checkpoint_missing")
-    data = p.read_bytes()
-    digest = sha256_bytes(data)
+    digest = sha256_file(p)
     if expected_sha256 and digest != expected_sha256:
         raise ModelError(f"AFLoc checkpoint sha256 {digest[:16]}… differs from the pinned {expected_sha256[:16]}…",
                          code="model_hash_mismatch")  # fmt: skip
-    obj, placeholders = read_pickle_archive(data)
+    obj, placeholders = read_pickle_archive(p)
     if not isinstance(obj, Mapping) or "state_dict" not in obj:
         raise ModelError("checkpoint refused: not a Lightning checkpoint dict with a 'state_dict'", code="checkpoint_layout")
     sd = obj["state_dict"]
