@@ -39,7 +39,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, torch.nn
 
 def _stack(n: int = 3) -> SliceStack:
     rng = np.random.default_rng(0)
-
     grid = SliceGrid(0.0, 0.0, -10.0, 1.0, 5.0, 32, n)
     return SliceStack(rng.random((n, 3, 32, 32), dtype=np.float32), grid, grid.z_of(np.arange(n)),
                       np.arange(n, dtype=np.int32), False, "1.2", "1.2.3", "", PRE)  # fmt: skip
