@@ -27,7 +27,9 @@ Grid (all in patient LPS millimetres, DICOM PS3.3 C.7.6.2.1.1):
 
 Every grid point is mapped through each volume's own affine (:meth:`Volume.lps_to_index`) and
 sampled with linear interpolation (``scipy.ndimage.map_coordinates``, order 1), so stored axis
-order, flipped axes and a PET on a different voxel grid are all handled by the same code path.
+order, flipped axes and a PET on a different voxel grid are all handled by the same rule.  For
+the usual case of axes that are a signed permutation of LPS, the same trilinear values are
+computed separably (one axis at a time, ~50× faster); tests compare both paths.
 Points outside a volume get air (−1024 HU) or SUV 0.  Sampling is point sampling: no
 anti-aliasing filter is applied when the grid is coarser than the source (recorded in the
 model card as a known limitation).
@@ -162,8 +164,58 @@ def common_grid(ct: Volume, params: SlicePreprocessing = DEFAULT_PREPROCESSING) 
     )  # fmt: skip
 
 
+def _linear(u: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation taps along one axis: (i0, i1, weight of i1, inside) for source positions ``u``."""
+    inside = (u >= -1e-6) & (u <= n - 1 + 1e-6)
+    uc = np.clip(u, 0.0, n - 1.0)
+    i0 = np.minimum(np.floor(uc).astype(np.int64), max(n - 2, 0))
+    i1 = np.minimum(i0 + 1, n - 1)
+    return i0, i1, (uc - i0).astype(np.float32), inside
+
+
+def _axis_aligned(volume: Volume) -> tuple[int, int, int] | None:
+    """Index axis (i=0, j=1, k=2) along patient x, y, z when the volume's axes are a signed permutation of LPS."""
+    d = np.abs(volume.direction)
+    axes = tuple(int(a) for a in np.argmax(d, axis=1))
+    if sorted(axes) != [0, 1, 2] or np.max(np.abs(d - (d > 0.5))) > 1e-6:
+        return None
+    return axes  # type: ignore[return-value]
+
+
+def _sample_separable(volume: Volume, axes: tuple[int, int, int], grid: SliceGrid, s_range: range,
+                      fill: float) -> np.ndarray:  # fmt: skip
+    """Fast path for axis-aligned volumes: the same trilinear values as :func:`_sample_general`, one axis at a time."""
+    n = grid.size
+    arr = np.transpose(volume.array, tuple(2 - a for a in (axes[2], axes[1], axes[0])))  # view, [z, y, x] patient axes
+    origin = volume.affine[:3, 3]
+    step = [volume.affine[p, axes[p]] for p in range(3)]  # signed mm per index along each patient axis
+    coords = (grid.x0 + np.arange(n) * grid.pixel_mm, grid.y0 + np.arange(n) * grid.pixel_mm, grid.z_of(np.asarray(s_range)))
+    x0, x1, fx, inx = _linear((coords[0] - origin[0]) / step[0], arr.shape[2])
+    y0, y1, fy, iny = _linear((coords[1] - origin[1]) / step[1], arr.shape[1])
+    z0, z1, fz, inz = _linear((coords[2] - origin[2]) / step[2], arr.shape[0])
+    outside = ~(iny[:, None] & inx[None, :])
+    out = np.full((len(s_range), n, n), fill, dtype=np.float32)
+    for o in range(len(s_range)):
+        if not inz[o]:
+            continue
+        slab = arr[z0[o]].astype(np.float32) * (1 - fz[o]) + arr[z1[o]].astype(np.float32) * fz[o]
+        rows = slab[y0] * (1 - fy)[:, None] + slab[y1] * fy[:, None]
+        img = rows[:, x0] * (1 - fx)[None, :] + rows[:, x1] * fx[None, :]
+        img[outside] = fill
+        out[o] = img
+    return out
+
+
 def _sample(volume: Volume, grid: SliceGrid, s_range: range, fill: float) -> np.ndarray:
     """Linear samples of ``volume`` at the grid points of slices ``s_range`` → float32 [len, size, size]."""
+    axes = _axis_aligned(volume)
+    if axes is not None:
+        return _sample_separable(volume, axes, grid, s_range, fill)
+    return _sample_general(volume, grid, s_range, fill)
+
+
+def _sample_general(volume: Volume, grid: SliceGrid, s_range: range, fill: float) -> np.ndarray:
+    """Any orthogonal orientation: every grid point through the affine, ``map_coordinates`` order 1."""
     n = grid.size
     r, c = np.meshgrid(np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64), indexing="ij")
     out = np.empty((len(s_range), n, n), dtype=np.float32)

@@ -126,3 +126,32 @@ def test_sheared_ct_and_bad_parameters_are_refused() -> None:
 
 def test_preprocessing_json_round_trip() -> None:
     assert SlicePreprocessing.from_json(PARAMS.to_json()) == PARAMS
+
+
+@pytest.mark.parametrize(("flip_k", "flip_i"), [(False, False), (True, True)])
+def test_separable_fast_path_equals_the_general_sampler(flip_k: bool, flip_i: bool) -> None:
+    from pipelines.models.clear.slices import _axis_aligned, _sample_general, _sample_separable
+
+    ct, pet = _ct(flip_k, flip_i), _pet()
+    grid = common_grid(ct, PARAMS)
+    for vol, fill in ((ct, -1024.0), (pet, 0.0)):
+        axes = _axis_aligned(vol)
+        assert axes is not None
+        fast = _sample_separable(vol, axes, grid, range(grid.n_slices), fill)
+        slow = _sample_general(vol, grid, range(grid.n_slices), fill)
+        np.testing.assert_allclose(fast, slow, atol=1e-3)
+
+
+def test_oblique_volume_takes_the_general_path() -> None:
+    from pipelines.models.clear.slices import _axis_aligned
+
+    ct = _ct()
+    a = np.radians(10.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    ct.affine[:3, :3] = rot @ ct.affine[:3, :3]
+    assert _axis_aligned(ct) is None
+    stack = extract_slices(ct, None, PARAMS)
+    s, r, c = _peak(stack.images[:, 0] - 0.5 * stack.images[:, 1])
+    x, y, z = stack.grid.pixel_to_lps(s, r, c)
+    mark = rot @ (np.array(MARK) - ct.affine[:3, 3]) + ct.affine[:3, 3]  # the rotated marker's position
+    assert np.linalg.norm(np.array([x, y, z]) - mark) <= 8.0
