@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.models.clear.abmil import pad_bags, top_evidence
+from pipelines.models.clear.abmil import load_head, pad_bags, top_evidence
 from training.clear.endpoint import (
     EndpointConfig,
     EndpointData,
@@ -17,6 +18,7 @@ from training.clear.endpoint import (
     fit_temperature,
     patient_folds,
     pos_weight,
+    save_endpoint,
     split_patients,
     train_endpoint,
 )
@@ -105,9 +107,16 @@ def test_early_stopping_restores_the_best_epoch() -> None:
     assert bool(fit.head.calibrated)
 
 
-def test_learns_a_separable_toy_endpoint_with_evidence() -> None:
+def test_learns_a_separable_toy_endpoint_with_evidence(tmp_path: Path) -> None:
     data, where = _toy()
     result = train_endpoint(data, FAST)
+    digest = save_endpoint(result, tmp_path / "head.pt", name="toy", labels=data.label_names,
+                           encoder_model_id="enc-1", config=FAST, label_map={"version": "1.0.0"})  # fmt: skip
+    loaded, info = load_head(tmp_path / "head.pt", expected_sha256=digest)
+    x0 = torch.as_tensor(data.features[0], dtype=torch.float32)[None]
+    torch.testing.assert_close(loaded.predict(x0)[0], result.head.predict(x0)[0])
+    assert info.calibrated and info.meta["mean_auroc"] == pytest.approx(result.mean_auroc)
+    assert info.meta["config"]["folds"] == 3 and info.meta["label_map"] == {"version": "1.0.0"}
     assert len(result.fold_auroc) == 3
     assert min(result.mean_auroc) > 0.9, result.fold_auroc
     assert np.isfinite(result.oof_probabilities).all()

@@ -111,3 +111,21 @@ def test_views_per_sample_kind() -> None:
     ref = crop_resize(_samples(4, 40)[0].image, (20.0, 20.0), (40.0, 40.0), 24)
     torch.testing.assert_close(x2[0], (ref - 0.5) / 0.25)
     assert lesion.tolist() == [True, False, True, False]
+
+
+def test_exported_backbone_loads_as_a_registered_encoder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipelines.models.clear.encoder import ClearEncoderSpec, load_encoder
+    from pipelines.models.clear.slices import SlicePreprocessing
+    from pipelines.models.registry import PinnedFile
+    from training.clear.moco import export_encoder
+
+    torch.manual_seed(0)
+    model = MoCoV3(TINY)
+    pre = SlicePreprocessing(size=32)
+    digest = export_encoder(model, tmp_path / "enc.pt", pre, epochs=0)
+    enc = load_encoder(ClearEncoderSpec("lecl-test", "resnet18", PinnedFile(str(tmp_path / "enc.pt"), digest), pre))
+    imgs = torch.rand(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ref = model.backbone((imgs - 0.5) / 0.25)
+    torch.testing.assert_close(torch.from_numpy(enc.embed(imgs.numpy()).astype("float32")), ref, rtol=2e-3, atol=2e-3)

@@ -24,7 +24,8 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from pipelines.models.clear.abmil import AbmilHead, pad_bags
+from pipelines.models.clear.abmil import AbmilHead, pad_bags, save_head
 
 log = logging.getLogger(__name__)
 
@@ -251,3 +252,17 @@ def train_endpoint(data: EndpointData, config: EndpointConfig = EndpointConfig()
     tr, va = split_patients(all_idx, data.patient_ids, config.val_fraction, config.seed)
     final = fit_head(data, tr, va, config, seed=config.seed)
     return EndpointResult(final.head, fold_auroc, oof, final)
+
+
+def save_endpoint(result: EndpointResult, path: str | Path, *, name: str, labels: Sequence[str], encoder_model_id: str,
+                  config: EndpointConfig, label_map: dict[str, str] | None = None) -> str:  # fmt: skip
+    """Write the shipped head with what it was validated by (fold AUROCs, best epoch, config, label map stamp)."""
+    meta = {
+        "fold_auroc": [[None if math.isnan(v) else v for v in fold] for fold in result.fold_auroc],
+        "mean_auroc": [None if math.isnan(v) else v for v in result.mean_auroc],
+        "best_epoch": result.final.best_epoch,
+        "config": asdict(config),
+        "label_map": dict(label_map or {}),
+        "temperature_fitted_on": "validation split (patient-grouped)",
+    }
+    return save_head(path, result.head, name=name, labels=labels, encoder_model_id=encoder_model_id, meta=meta)

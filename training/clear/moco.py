@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.models.clear.encoder import build_backbone
+from pipelines.models.clear.encoder import build_backbone, save_encoder_checkpoint
+from pipelines.models.clear.slices import SlicePreprocessing
 from training.clear.lecl import Variant, symmetric_lecl_loss
 
 
@@ -97,6 +99,17 @@ class MoCoV3(nn.Module):
         c = self.config
         return symmetric_lecl_loss(q1, q2, k1, k2, lesion, temperature=c.temperature, weight=c.lecl_weight,
                                    variant=c.lecl_variant)  # fmt: skip
+
+
+def export_encoder(model: MoCoV3, path: str | Path, preprocessing: SlicePreprocessing, **meta: object) -> str:
+    """Write the pretrained backbone (base side, without projector/predictor) as a Locus encoder checkpoint.
+
+    ``meta`` should name the LeCL setting (λ, variant, τ, epochs) so the model card can cite it.
+    Returns the file's SHA-256, which the registry entry pins.
+    """
+    meta = {"lecl_weight": model.config.lecl_weight, "lecl_variant": model.config.lecl_variant,
+            "temperature": model.config.temperature, **meta}  # fmt: skip
+    return save_encoder_checkpoint(path, model.backbone, model.config.arch, preprocessing, **meta)
 
 
 def momentum_at(step: int, total_steps: int, m0: float, cosine: bool = True) -> float:

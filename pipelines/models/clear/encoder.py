@@ -176,6 +176,29 @@ class SliceEncoder:
         )
 
 
+#: Key of the CLEAR encoders in the deployment's model manifest (beside the localizers' ``"models"``).
+MANIFEST_KEY = "clear_encoders"
+
+
+def encoders_from_manifest(path: str | Path) -> dict[str, ClearEncoderSpec]:
+    """The CLEAR encoder entries of a JSON model manifest (relative weight paths resolve beside it)."""
+    import json
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read model registry {p.name}: {exc}", code="registry_invalid") from exc
+    out: dict[str, ClearEncoderSpec] = {}
+    for entry in data.get(MANIFEST_KEY, []):
+        spec = ClearEncoderSpec.from_json(entry, p.parent)
+        if spec.model_id in out and out[spec.model_id] != spec:
+            raise ModelError(f"CLEAR encoder {spec.model_id!r} registered twice with different files",
+                             code="registry_invalid")  # fmt: skip
+        out[spec.model_id] = spec
+    return out
+
+
 def load_encoder(spec: ClearEncoderSpec, *, device: str = "cpu") -> SliceEncoder:
     """Verify the pinned file, read it weights-only, check it against ``spec``, load strictly."""
     pinned = spec.weights.verify()

@@ -104,3 +104,17 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert exc.value.code == "checkpoint_unreadable"
 
 
+
+
+def test_manifest_hook_reads_clear_encoders(saved, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pipelines.models.clear.encoder import encoders_from_manifest
+
+    path, digest, _ = saved
+    spec = ClearEncoderSpec("clear-enc-1", "resnet18", PinnedFile(str(path), digest), PRE)
+    manifest = tmp_path / "models.json"
+    manifest.write_text(json.dumps({"models": [], "clear_encoders": [spec.to_json()]}), encoding="utf-8")
+    assert encoders_from_manifest(manifest) == {"clear-enc-1": spec}
+    other = {**spec.to_json(), "arch": "resnet34"}
+    manifest.write_text(json.dumps({"clear_encoders": [spec.to_json(), other]}), encoding="utf-8")
+    with pytest.raises(ModelError):
+        encoders_from_manifest(manifest)
