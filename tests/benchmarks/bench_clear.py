@@ -66,7 +66,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipelines.models.clear.abmil import AbmilHead
-    from pipelines.models.clear.encoder import ClearEncoderSpec, build_backbone, load_encoder, save_encoder_checkpoint
+    from pipelines.models.clear.encoder import (
+        ClearEncoderSpec,
+        build_backbone,
+        load_encoder,
+        save_encoder_checkpoint,
+    )
     from pipelines.models.clear.slices import DEFAULT_PREPROCESSING, extract_slices
     from pipelines.models.clear.store import SliceFeatures
     from pipelines.models.registry import PinnedFile

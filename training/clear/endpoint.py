@@ -123,7 +123,7 @@ def split_patients(indices: np.ndarray, patient_ids: Sequence[str], fraction: fl
     if len(patients) < 2:
         raise ValueError("a validation split needs at least two patients")
     order = np.random.default_rng(seed).permutation(len(patients))
-    n_val = min(len(patients) - 1, max(1, int(round(fraction * len(patients)))))
+    n_val = min(len(patients) - 1, max(1, round(fraction * len(patients))))
     val_patients = {patients[p] for p in order[:n_val]}
     is_val = np.asarray([patient_ids[i] in val_patients for i in indices])
     return indices[~is_val], indices[is_val]

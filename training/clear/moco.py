@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +163,7 @@ def crop_resize(image: torch.Tensor, centre_rc: tuple[float, float], size_hw: tu
     Implemented as one ``grid_sample`` (``align_corners=False``): output pixel centres are spread
     evenly over the crop rectangle, so the crop centre maps to the output centre exactly.
     """
-    c, h, w = image.shape
+    _c, h, w = image.shape
     r0 = centre_rc[0] - size_hw[0] / 2
     c0 = centre_rc[1] - size_hw[1] / 2
     rows = r0 + (torch.arange(out, dtype=torch.float32) + 0.5) * size_hw[0] / out  # pixel-edge coordinates
@@ -209,7 +209,7 @@ def augment(view: torch.Tensor, g: torch.Generator, *, blur_p: float) -> torch.T
         x = ((x - mean) * c + mean) * b
     if float(torch.rand((), generator=g)) < blur_p:
         sigma = _uniform(g, 0.1, 2.0)
-        radius = max(1, int(math.ceil(2 * sigma)))
+        radius = max(1, math.ceil(2 * sigma))
         t = torch.arange(-radius, radius + 1, dtype=torch.float32)
         k1 = torch.exp(-(t**2) / (2 * sigma**2))
         k1 = k1 / k1.sum()

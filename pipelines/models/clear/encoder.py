@@ -32,7 +32,12 @@ from torch import nn
 from pipelines.errors import ModelError
 from pipelines.findings import ModelInfo
 from pipelines.models.checkpoints import load_torch_payload, strip_module_prefix
-from pipelines.models.clear.slices import DEFAULT_PREPROCESSING, SlicePreprocessing, SliceStack, normalize
+from pipelines.models.clear.slices import (
+    DEFAULT_PREPROCESSING,
+    SlicePreprocessing,
+    SliceStack,
+    normalize,
+)
 from pipelines.models.clear.store import SliceFeatures
 from pipelines.models.registry import PinnedFile
 

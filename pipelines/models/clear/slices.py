@@ -86,7 +86,7 @@ class SlicePreprocessing:
             return cls(
                 size=int(data["size"]),
                 z_spacing_mm=float(data["z_spacing_mm"]),
-                ct_windows=tuple((float(l), float(w)) for l, w in data["ct_windows"]),  # noqa: E741
+                ct_windows=tuple((float(l), float(w)) for l, w in data["ct_windows"]),
                 suv_max=float(data["suv_max"]),
                 mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from pipelines.errors import InputError, ModelError
-from pipelines.models.clear.abmil import AbmilHead, load_head, pad_bags, save_head, top_evidence
+from pipelines.models.clear.abmil import (
+    AbmilHead,
+    load_head,
+    pad_bags,
+    save_head,
+    top_evidence,
+)
 
 
 @torch.no_grad()

@@ -7,7 +7,11 @@ import pytest
 
 from pipelines.dicom.volume import Volume
 from pipelines.errors import GeometryError, InputError
-from pipelines.models.clear.slices import SlicePreprocessing, common_grid, extract_slices
+from pipelines.models.clear.slices import (
+    SlicePreprocessing,
+    common_grid,
+    extract_slices,
+)
 
 PARAMS = SlicePreprocessing(size=32, z_spacing_mm=3.0)
 MARK = (10.0, -20.0, -30.0)  # LPS mm of the lesion-like marker
@@ -56,7 +60,7 @@ def _peak(img: np.ndarray) -> tuple[int, int, int]:
 def test_grid_spans_the_ct_and_indexes_z_upwards() -> None:
     g = common_grid(_ct(), PARAMS)
     assert g.z0 == pytest.approx(-100.0)
-    assert g.n_slices == int(195 // 3) + 1
+    assert g.n_slices == (195 // 3) + 1
     assert g.z_of(10) == pytest.approx(-70.0)
     assert int(g.slice_of(-70.4)) == 10
     assert g.pixel_mm == pytest.approx(126.0 / 31)
@@ -130,7 +134,11 @@ def test_preprocessing_json_round_trip() -> None:
 
 @pytest.mark.parametrize(("flip_k", "flip_i"), [(False, False), (True, True)])
 def test_separable_fast_path_equals_the_general_sampler(flip_k: bool, flip_i: bool) -> None:
-    from pipelines.models.clear.slices import _axis_aligned, _sample_general, _sample_separable
+    from pipelines.models.clear.slices import (
+        _axis_aligned,
+        _sample_general,
+        _sample_separable,
+    )
 
     ct, pet = _ct(flip_k, flip_i), _pet()
     grid = common_grid(ct, PARAMS)
