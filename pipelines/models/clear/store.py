@@ -8,6 +8,7 @@ portable types (the SQL table itself is the node's business):
 field         SQL type     content
 ============  ===========  ==========================================================
 model_id      text         registry id of the slice encoder (weights + preprocessing)
+format        text         ``"locus-clear-features-1"``
 dtype         text         ``"<f2"``: little-endian IEEE float16, fixed
 shape         text (JSON)  ``[n_slices, feature_dim]``
 features      bytes        row-major ``n_slices × feature_dim × 2`` bytes

@@ -163,3 +163,14 @@ def test_oblique_volume_takes_the_general_path() -> None:
     x, y, z = stack.grid.pixel_to_lps(s, r, c)
     mark = rot @ (np.array(MARK) - ct.affine[:3, 3]) + ct.affine[:3, 3]  # the rotated marker's position
     assert np.linalg.norm(np.array([x, y, z]) - mark) <= 8.0
+
+
+def test_permuted_storage_axes_give_the_same_slices() -> None:
+    """A volume stored with its i axis along patient z (and k along x) is re-ordered, not misread."""
+    ref_ct = _ct()
+    arr = np.ascontiguousarray(ref_ct.array.transpose(2, 1, 0))  # new [k, j, i] = old [i, j, k]
+    aff = ref_ct.affine.copy()
+    aff[:3, 0], aff[:3, 2] = ref_ct.affine[:3, 2], ref_ct.affine[:3, 0]
+    permuted = Volume(arr, aff, frame_of_reference_uid="1.2.3")
+    np.testing.assert_allclose(extract_slices(permuted, None, PARAMS).images, extract_slices(ref_ct, None, PARAMS).images,
+                               atol=1e-5)  # fmt: skip
