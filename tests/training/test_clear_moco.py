@@ -129,3 +129,31 @@ def test_exported_backbone_loads_as_a_registered_encoder(tmp_path) -> None:  # t
     with torch.no_grad():
         ref = model.backbone((imgs - 0.5) / 0.25)
     torch.testing.assert_close(torch.from_numpy(enc.embed(imgs.numpy()).astype("float32")), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_slice_level_lesion_boxes_from_patient_mm() -> None:
+    import numpy as np
+
+    from pipelines.models.clear.slices import SliceGrid, SlicePreprocessing, SliceStack
+    from training.clear.moco import samples_from_stack
+
+    grid = SliceGrid(x0=-31.0, y0=-31.0, z0=0.0, pixel_mm=2.0, z_spacing_mm=3.0, size=32, n_slices=4)
+    stack = SliceStack(np.zeros((4, 3, 32, 32), np.float32), grid, grid.z_of(np.arange(4)), np.arange(4, dtype=np.int32),
+                       False, "1", "2", "", SlicePreprocessing(size=32))  # fmt: skip
+    boxes = [(-11.0, 1.0, 2.0, -1.0, 9.0, 4.0), (-20.0, -20.0, 5.5, 20.0, 20.0, 7.0)]  # z 2-4 mm; z 5.5-7 mm
+    samples = samples_from_stack(stack, boxes)
+    assert [s.box is not None for s in samples] == [False, True, True, False]  # z = 0, 3, 6, 9
+    # x −11…−1 mm → columns (−11+31)/2+0.5 = 10.5 … 15.5; y 1…9 mm → rows 16.5 … 20.5
+    assert samples[1].box == pytest.approx((16.5, 10.5, 20.5, 15.5))
+    assert samples[2].box == pytest.approx((6.0, 6.0, 26.0, 26.0))  # ±20 mm → 6.0 … 26.0
+
+
+def test_pretrain_loop_runs_full_batches_with_lesion_samples() -> None:
+    from training.clear.moco import pretrain
+
+    torch.manual_seed(0)
+    model = MoCoV3(TINY, backbone=_tiny_backbone(), feature_dim=8)
+    losses = pretrain(model, _samples(10), epochs=2, batch_size=4, base_lr=1e-3, out_size=24, warmup_epochs=1)
+    assert len(losses) == 2 * (10 // 4) and all(math.isfinite(v) for v in losses)
+    with pytest.raises(ValueError):
+        pretrain(model, _samples(3), epochs=1, batch_size=4, base_lr=1e-3, out_size=24)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.models.clear.encoder import build_backbone, save_encoder_checkpoint
-from pipelines.models.clear.slices import SlicePreprocessing
+from pipelines.models.clear.slices import SlicePreprocessing, SliceStack
 from training.clear.lecl import Variant, symmetric_lecl_loss
 
 
@@ -256,3 +256,55 @@ def make_batch(samples: Sequence[LeclSample], g: torch.Generator, out: int, *, m
     x1 = torch.stack([(v[0] - m) / s for v in views])
     x2 = torch.stack([(v[1] - m) / s for v in views])
     return x1, x2, torch.tensor([v[2] for v in views], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- data and loop
+
+
+def samples_from_stack(stack: SliceStack, lesion_boxes_lps: Sequence[tuple[float, float, float, float, float, float]]
+                       ) -> list[LeclSample]:  # fmt: skip
+    """One :class:`LeclSample` per rendered slice; a slice crossed by a lesion gets that lesion's in-plane box.
+
+    ``lesion_boxes_lps`` are axis-aligned boxes ``(x0, y0, z0, x1, y1, z1)`` in patient mm (e.g. from a
+    SEG's lesion extents).  A slice lies in a box when its z is within ``[z0, z1]``; when several boxes
+    cross a slice the largest in-plane one is used (one lesion view per slice, as LeCL draws one).
+    Box pixels use the grid of :mod:`pipelines.models.clear.slices` (row ↔ y, column ↔ x, edges at ±½ px).
+    """
+    g = stack.grid
+    out = []
+    for s in range(stack.images.shape[0]):
+        z = float(stack.z_mm[s])
+        best: Box | None = None
+        best_area = -1.0
+        for x0, y0, z0, x1, y1, z1 in lesion_boxes_lps:
+            if min(z0, z1) <= z <= max(z0, z1):
+                r0, r1 = sorted(((y0 - g.y0) / g.pixel_mm + 0.5, (y1 - g.y0) / g.pixel_mm + 0.5))
+                c0, c1 = sorted(((x0 - g.x0) / g.pixel_mm + 0.5, (x1 - g.x0) / g.pixel_mm + 0.5))
+                area = (r1 - r0) * (c1 - c0)
+                if area > best_area:
+                    best, best_area = (r0, c0, r1, c1), area
+        out.append(LeclSample(torch.from_numpy(stack.images[s]), best))
+    return out
+
+
+def pretrain(model: MoCoV3, samples: Sequence[LeclSample], *, epochs: int, batch_size: int, base_lr: float,
+             out_size: int, warmup_epochs: int = 0, seed: int = 0, mean: Sequence[float] = (0.5, 0.5, 0.5),
+             std: Sequence[float] = (0.25, 0.25, 0.25)) -> list[float]:  # fmt: skip
+    """Seeded MoCo v3 / LeCL loop: shuffle each epoch, full batches only (``drop_last``), one loss per step."""
+    steps_per_epoch = len(samples) // batch_size
+    if steps_per_epoch < 1 or batch_size < 2:
+        raise ValueError(f"{len(samples)} samples give no full batch of {batch_size} (BatchNorm needs ≥ 2)")
+    total = epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model, base_lr)
+    losses: list[float] = []
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(samples), generator=g).tolist()
+        for b in range(steps_per_epoch):
+            batch = [samples[i] for i in order[b * batch_size : (b + 1) * batch_size]]
+            x1, x2, lesion = make_batch(batch, g, out_size, mean=mean, std=std)
+            losses.append(train_step(model, opt, x1, x2, lesion, step=step, total_steps=total, base_lr=base_lr,
+                                     warmup_steps=warmup_epochs * steps_per_epoch))  # fmt: skip
+            step += 1
+    return losses
