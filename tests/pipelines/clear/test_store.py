@@ -1,4 +1,4 @@
-"""Feature store serialisation: bit-exact round trips, documented size, and refusal of damaged records."""
+"""Feature store serialisation: bit-exact round trips (also through SQLite BLOB and PostgreSQL bytea), size, damage."""
 
 from __future__ import annotations
 
@@ -68,3 +68,43 @@ def test_damaged_blobs_and_bad_arrays_are_refused() -> None:
         SliceFeatures("m", np.zeros((3, 2), np.float32), np.zeros(3, np.float32), np.zeros(3, np.int32))
     with pytest.raises(FeatureStoreError):
         SliceFeatures("m", np.zeros((3, 2), np.float16), np.zeros(2, np.float32), np.zeros(3, np.int32))
+
+
+def _check_db_round_trip(conn, placeholder: str, blob_type: str) -> None:  # type: ignore[no-untyped-def]
+    f = _features(40, 16)
+    rec = f.to_record()
+    cols = list(rec)
+    cur = conn.cursor()
+    types = ", ".join(f"{c} {blob_type if isinstance(rec[c], bytes) else 'TEXT'}" for c in cols)
+    cur.execute(f"CREATE TEMP TABLE clear_features_rt ({types})")
+    cur.execute(f"INSERT INTO clear_features_rt ({', '.join(cols)}) VALUES ({', '.join([placeholder] * len(cols))})",
+                [rec[c] for c in cols])  # fmt: skip
+    cur.execute(f"SELECT {', '.join(cols)} FROM clear_features_rt")
+    row = dict(zip(cols, cur.fetchone(), strict=True))
+    _same(f, SliceFeatures.from_record(row))
+
+
+def test_sqlite_blob_round_trip() -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    try:
+        _check_db_round_trip(conn, "?", "BLOB")
+    finally:
+        conn.close()
+
+
+def test_postgresql_bytea_round_trip() -> None:
+    import os
+
+    psycopg = pytest.importorskip("psycopg")
+    dsn = os.environ.get("LOCUS_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3")
+    try:
+        conn = psycopg.connect(dsn)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    try:
+        _check_db_round_trip(conn, "%s", "BYTEA")
+    finally:
+        conn.rollback()
+        conn.close()
