@@ -7,7 +7,6 @@ from dataclasses import asdict
 
 import click
 
-from node.cli_results import query_database, require_study
 from node.settings import LocusSettings
 from node.similarity import find_similar
 from pipelines.errors import InputError
@@ -21,6 +20,9 @@ from pipelines.errors import InputError
 @click.pass_context
 def similar(ctx: click.Context, study_uid: str, k: int, model_id: str | None, as_json: bool) -> None:
     """Studies most similar to STUDY_UID (exact cosine search, same model only)."""
+    # Imported here: node.cli_results attaches this command when it loads (no import cycle).
+    from node.cli_results import query_database, require_study
+
     settings = ctx.find_object(LocusSettings)
     if settings is None:
         raise click.UsageError("no settings on the click context (run through the `locus` command)")
