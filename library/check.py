@@ -261,7 +261,7 @@ def _check_hierarchy(nodes: dict[str, Site], where_of: dict[str, str], report: C
         current = node
         while current.parent is not None:
             if current.parent in path:
-                cycle = " -> ".join(path[path.index(current.parent):] + [current.parent])
+                cycle = " -> ".join([*path[path.index(current.parent):], current.parent])
                 report.add(where_of[node.id], f"hierarchy cycle {cycle}")
                 break
             nxt = nodes.get(current.parent)

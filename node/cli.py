@@ -220,7 +220,7 @@ def analyse(ctx: click.Context, paths: tuple[Path, ...], lesion_mode: str | None
     Uses the configured models, or the shipped demo localizer when none is configured
     (the first lines on stderr say which).
     """
-    from node.analysis_options import offline_analysis_options, model_sources
+    from node.analysis_options import model_sources, offline_analysis_options
     from pipelines.analysis import analyse_study
     from pipelines.errors import LocusError
 

@@ -245,7 +245,7 @@ def localize(
     fields: list[str] = []
     for r in out_rows:
         fields.extend(k for k in r if k not in fields)
-    fh = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
+    fh = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115  # stdout or a file; closed in finally
     try:
         writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
         writer.writeheader()

@@ -190,7 +190,7 @@ def _analyse_claimed(
              report["sr_sop_uid"] if report else None, len(export_ids))  # fmt: skip
     try:
         _ring_exports(export_ids)
-    except Exception:  # noqa: BLE001 - stored already; the sweeper's periodic export pass sends them
+    except Exception:
         log.warning("could not ring the export queue; the next sweep will", exc_info=True)
     return "analysed"
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("locus_log_context", default={})
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("locus_log_context", default={})  # noqa: B039  # never mutated: log_context sets a copy
 
 # Keywords whose values must never reach a log line (PS3.15 Annex E basic profile subset).
 PHI_KEYWORDS = frozenset(

@@ -177,7 +177,7 @@ def preload_models(ctx: ModelHost) -> list[str]:
         try:
             if loader(ctx) is not None:
                 ready.append(kind)
-        except Exception as exc:  # noqa: BLE001 - reported again, with its code, by the first analysis
+        except Exception as exc:
             log.warning("%s not loaded at worker start: %s: %s", kind, type(exc).__name__, exc)
     if ready:
         log.info("models ready at worker start: %s", ", ".join(ready))

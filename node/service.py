@@ -129,7 +129,7 @@ class RunningNode:
         if self.worker is not None:
             try:
                 self.worker.stop(in_sighandler=False)
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:
                 log.debug("worker stop raised", exc_info=True)
         for t in self.threads:
             t.join(timeout=10)
@@ -154,7 +154,7 @@ def _sweeper(node: RunningNode) -> None:
             if failing is not None:
                 log.warning("sweep works again after %d failed attempts (%s)", repeats + 1, failing[0])
                 failing, repeats = None, 0
-        except Exception as exc:  # noqa: BLE001 - the sweeper must survive a bad moment (DB locked ...)
+        except Exception as exc:
             key = (type(exc).__name__, str(exc)[:300])
             if key != failing:  # a new error: its traceback, once
                 log.exception("sweep failed; retrying every %.1fs", interval)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
 from node.db import Session
 from node.db import embedding_codes as codes
 from node.db import embedding_packs as packs

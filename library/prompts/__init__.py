@@ -70,7 +70,7 @@ def load_prompt_set(name_or_path: str | Path = "ct_rate_hlip_v1") -> PromptSet:
             raise PromptSetError(f"prompt set {path.name}: each template needs exactly one '{{}}'")
         findings = tuple(
             FindingPrompt(id=str(f["id"]), finding=str(f["finding"]), negative=str(f["negative"]),
-                          positive=str(f["positive"]), organ=str(f.get("organ", "")))  # fmt: skip
+                          positive=str(f["positive"]), organ=str(f.get("organ", "")))
             for f in data["findings"]
         )
     except (KeyError, TypeError) as exc:

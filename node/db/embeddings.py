@@ -32,7 +32,7 @@ class StoredVector:
 def _rows(session: Session, *conditions: object) -> list[StoredVector]:
     stmt = (
         select(Study.study_uid, StudyVersion.version, StudyEmbedding.model_id, StudyEmbedding.dim,
-               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)  # fmt: skip
+               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)
         .join(StudyVersion, StudyVersion.id == StudyEmbedding.study_version_id)
         .join(Study, Study.id == StudyVersion.study_id)
         .where(*conditions)  # type: ignore[arg-type]

@@ -29,8 +29,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from node.listener.tls import client_context
 from node.listener.status import describe, is_delivered, is_transient_failure
+from node.listener.tls import client_context
 from pipelines.errors import LocusError, TransientError
 
 LOGGER = logging.getLogger(__name__)

@@ -146,7 +146,7 @@ def handle_n_action(event: Any, ctx: StoreContext) -> tuple[int, Dataset | None]
         return STATUS_NO_SUCH_ACTION, None
     try:
         info = event.action_information
-    except Exception:  # undecodable Action Information  # noqa: BLE001
+    except Exception:  # undecodable Action Information
         LOGGER.warning("storage commitment request with undecodable Action Information")
         return STATUS_INVALID_ARGUMENT, None
     transaction = str(info.get("TransactionUID", "")).strip()

@@ -204,7 +204,7 @@ def same_content(indexed_file: bytes, indexed_ts: str, new_file: bytes, new_raw:
         first = dcmread(BytesIO(indexed_file), stop_before_pixels=True)
         second = dcmread(BytesIO(new_file), stop_before_pixels=True)
         return bool(first == second)
-    except Exception:  # noqa: BLE001 - undecodable: not provably the same object
+    except Exception:
         return False
 
 

@@ -25,6 +25,7 @@ when its parent disappears.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -240,7 +241,7 @@ class ListenerChildren:
                 time.sleep(_RESTART_DELAY_S)
                 try:
                     self._procs[n] = self._spawn(n)
-                except Exception:  # noqa: BLE001 - keep watching; the parent listener still serves
+                except Exception:
                     LOGGER.exception("listener process %d could not be restarted", n + 1)
 
     @property
@@ -252,10 +253,8 @@ class ListenerChildren:
         if self._monitor is not None:
             self._monitor.join(10)
         for child in self._procs:
-            try:
+            with contextlib.suppress(OSError):  # that child is gone already
                 child.control.send("stop")
-            except OSError:  # that child is gone already
-                pass
             child.control.close()
             child.handoff.close()
         for child in self._procs:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from io import BytesIO
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from pydicom.uid import UID

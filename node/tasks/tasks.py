@@ -26,7 +26,7 @@ def analyse(self, study_version_id: int) -> str:  # type: ignore[no-untyped-def]
     except TransientError as exc:
         delay = min(300, 10 * 2 ** self.request.retries)
         log.warning("analysis of version %s deferred %ss: %s", study_version_id, delay, exc)
-        raise self.retry(exc=exc, countdown=delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
 
 
 @app.task(name=EXPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)

@@ -108,7 +108,7 @@ def ct_storage_dtype(array: np.ndarray) -> np.dtype:
             if not (np.all(np.isfinite(plane)) and np.array_equal(plane, np.round(plane))):
                 return np.dtype(np.float32)
     lo, hi = float(array.min()), float(array.max())
-    return np.dtype(np.int16) if -32768 <= lo and hi <= 32767 else np.dtype(np.float32)
+    return np.dtype(np.int16) if lo >= -32768 and hi <= 32767 else np.dtype(np.float32)
 
 
 def label_dtype(max_label: int) -> np.dtype:

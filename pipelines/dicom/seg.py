@@ -735,9 +735,9 @@ def _paste_aligned(mask: np.ndarray, aligned: tuple[list[int], list[int], np.nda
     start_kji = start[::-1]
     lo = [max(0, s) for s in start_kji]
     hi = [min(n, s + m) for s, m, n in zip(start_kji, arr_kji.shape, shape)]
-    if any(h <= l for l, h in zip(lo, hi)):
+    if any(h <= lo_i for lo_i, h in zip(lo, hi)):
         return np.zeros((0, 0, 0), bool), (0, 0, 0)
-    sub = arr_kji[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start_kji))]
+    sub = arr_kji[tuple(slice(lo_i - s, h - s) for lo_i, h, s in zip(lo, hi, start_kji))]
     return _tight(np.ascontiguousarray(sub), _shape3(tuple(lo)))
 
 

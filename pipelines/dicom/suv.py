@@ -490,7 +490,7 @@ def _kind_ratio(kind: SuvKind, s: _Series) -> float:
 def _stored_suv_to_bw(s: _Series) -> tuple[float, str]:
     """Factor from a stored SUV (Units GML/CM2ML, SUVType) back to SUVbw."""
     suv_type = s.suv_type or ("BSA" if s.units == "CM2ML" else "BW")
-    if s.units == "CM2ML" and suv_type != "BSA" or s.units == "GML" and suv_type == "BSA":
+    if (s.units == "CM2ML" and suv_type != "BSA") or (s.units == "GML" and suv_type == "BSA"):
         raise SuvError(f"Units {s.units} contradict SUVType {suv_type}", code="inconsistent_pet_headers")
     if suv_type == "BW":
         return 1.0, suv_type

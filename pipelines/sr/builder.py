@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import highdicom as hd
+import pydicom.multival
+import pydicom.sequence
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -77,8 +79,6 @@ from highdicom.sr import (
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
-import pydicom.multival
-import pydicom.sequence
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
@@ -874,12 +874,12 @@ def _pin_creation_time(sr: Comprehensive3DSR, when: datetime.datetime) -> None:
 
 
 __all__ = [
-    "AlgorithmIdentity",
     "DEFAULT_SERIES_DESCRIPTION",
     "DEFAULT_SERIES_NUMBER",
+    "REPORT_LAYOUT_VERSION",
+    "AlgorithmIdentity",
     "DeviceIdentity",
     "PredecessorReference",
-    "REPORT_LAYOUT_VERSION",
     "build_measurement_report",
     "format_alternative",
 ]

@@ -120,7 +120,7 @@ def _purge(url: str) -> None:
         for queue in ("gpu", "io"):
             try:
                 conn.default_channel.queue_purge(queue)
-            except Exception:  # noqa: BLE001 - a queue that does not exist yet
+            except Exception:
                 conn.close()
                 conn.connect()
 

@@ -127,7 +127,7 @@ def test_configuration_errors_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_
         LocusSettings.load(dicom={"ae_title": "A_TITLE_LONGER_THAN_16"})
     with pytest.raises(ValidationError, match="AE title"):
         LocusSettings.load(dicom={"ae_title": "BAD\\AE"})
-    with pytest.raises(ValidationError, match="study_quiet_s must be >= completion.series_quiet_s"):
+    with pytest.raises(ValidationError, match=r"study_quiet_s must be >= completion\.series_quiet_s"):
         LocusSettings.load(completion={"series_quiet_s": 100, "study_quiet_s": 60})
     with pytest.raises(ValidationError, match="names must be unique"):
         LocusSettings.load(

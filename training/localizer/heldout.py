@@ -25,8 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from training.localizer.evaluate import (Outcome, confidence_kind, match, outcome_from_json, outcome_to_json,
-                                         predict, summarize, truths_of)
+from training.localizer.evaluate import (
+    Outcome,
+    confidence_kind,
+    match,
+    outcome_from_json,
+    outcome_to_json,
+    predict,
+    summarize,
+    truths_of,
+)
 
 SPEC_PATH = Path(__file__).with_name("eval_spec.json")
 SPEC_FORMAT = "locus-localizer-eval-spec"

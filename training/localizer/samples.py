@@ -126,7 +126,8 @@ def study_images(record: StudyRecord) -> tuple[sitk.Image, sitk.Image, sitk.Imag
 
 
 def build_bank(records: Sequence[StudyRecord], stages: dict[str, Preprocessing], *, crops_per_lesion: int,
-               seed: int, aug_cfg: AugmentationConfig = AugmentationConfig(), progress: bool = True,
+               seed: int, aug_cfg: AugmentationConfig = AugmentationConfig(),  # noqa: B008  # frozen dataclass
+               progress: bool = True,
                require_truth: bool = True) -> CropBank:
     """Crop every lesion ``crops_per_lesion`` times per stage (seeded per study and lesion)."""
     items: list[LesionItem] = []

@@ -18,7 +18,6 @@ cheap.
 from __future__ import annotations
 
 import abc
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

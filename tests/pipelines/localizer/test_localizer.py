@@ -274,7 +274,7 @@ def test_cli_box_and_mask_modes_write_reference_columns(model_dir: Path, vocab_p
     assert fields[:10] == ["class", "image_path", "image_path1", "image_path2", "x", "y", "z", "width", "height", "depth"]
     assert fields[-3:] == ["locus_flags", "locus_model_id", "locus_model_sha256"]
     # 26-connected components of all nonzero voxels: the big lesion 4 encloses 1, 2 and 3 → one component
-    cc, n = ndimage.label(scene["labels"] > 0, structure=np.ones((3, 3, 3)))
+    _cc, n = ndimage.label(scene["labels"] > 0, structure=np.ones((3, 3, 3)))
     assert len(rows) == n
     assert all(r["class"] == "bbox" for r in rows)
     assert "large_lesion" in rows[0]["locus_flags"]
