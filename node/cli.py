@@ -104,7 +104,7 @@ class LazyGroup(click.Group):
                     continue
                 text = command.get_short_help_str(limit)
             elif name in self.lazy_commands:
-                text = click.utils.make_default_short_help(self.lazy_commands[name][1], limit)
+                text = click.Command(name, help=self.lazy_commands[name][1]).get_short_help_str(limit)
             else:
                 ep = self.plugins()[name]
                 text = f"(plugin {ep.value}; `locus {name} --help`)"

@@ -124,7 +124,7 @@ def load_localizer(ctx: ModelHost, progress: Callable[[str], None] | None = None
         path = Path(cfg.dir) / path
     cache_dir = text_cache_dir(ctx.settings)
     key = f"localizer:{path}:{cfg.localizer_id}"
-    return ctx.model(key, lambda: _load(path, cfg.localizer_id, _device(cfg.device), cache_dir, progress))  # type: ignore[no-any-return]
+    return ctx.model(key, lambda: _load(path, cfg.localizer_id, _device(cfg.device), cache_dir, progress))
 
 
 def study_encoder_config(settings: LocusSettings) -> StudyEncoderConfig | None:
@@ -162,7 +162,7 @@ def load_study_encoder(ctx: ModelHost) -> StudyEncoder | None:
 
         return StudyEncoder(config)
 
-    return ctx.model(f"study_encoder:{config!r}", build)  # type: ignore[no-any-return]
+    return ctx.model(f"study_encoder:{config!r}", build)
 
 
 def preload_models(ctx: ModelHost) -> list[str]:

@@ -181,6 +181,9 @@ class Spool(Protocol):
 
     def free_space_ok(self, incoming_bytes: int = 0) -> bool: ...
 
+    def remove(self, relpath: str) -> None:
+        """Delete one stored file (a refused instance's copy, retention); missing is not an error."""
+
 
 def _fsync_dir(path: Path) -> None:
     """Make a directory entry change durable (POSIX: fsync the directory)."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from library import AnatomyLibrary, load_library
 from library.errors import LibraryError
-from pipelines.dicom.seg import SegObject, SourceRegion
+from pipelines.dicom.seg import Mode, SegObject, SourceRegion
 from pipelines.dicom.volume import Volume
 from pipelines.findings import CodedValue, Flag, Lesion, Localization, ModelInfo, SiteAssignment
 from pipelines.models.localizer.lesion_mask import LesionBox
@@ -69,7 +69,7 @@ class LibraryLocalizer:
         boxes: list[LesionBox] = []
         for les in lesions:
             seg = by_uid[les.seg_sop_instance_uid]
-            mode = "segments" if les.component is None else "components"
+            mode: Mode = "segments" if les.component is None else "components"
             region = next(r for r in seg.source_regions([les.segment_number], mode)
                           if r.component == les.component)
             masks.append(_region_volume(region, seg))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, func, select, text
@@ -211,7 +212,7 @@ def _scan_postgresql_binary(session: Session, model_id: str, preprocessing_versi
         yield _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))
 
 
-def _binary_rows(session: Session, sql: str, params: tuple[object, ...]) -> Iterator[tuple[object, ...]]:
+def _binary_rows(session: Session, sql: str, params: tuple[object, ...]) -> Iterator[tuple[Any, ...]]:
     """Rows of ``sql`` through psycopg in binary format, in the session's transaction (see :func:`scan`)."""
     driver = session.connection().connection.driver_connection  # psycopg.Connection, same transaction
     with driver.cursor(binary=True) as cur:  # type: ignore[union-attr]
@@ -226,14 +227,14 @@ _CODE_SQL = ("SELECT id, count, dim, study_ids, versions, codes, code_scales, no
 
 def scan_codes(session: Session, model_id: str, preprocessing_version: str) -> Iterator[CodeChunk]:
     """The quantized side of every pack of one group, in pack order (a quarter of :func:`scan`'s bytes)."""
-    rows: Iterator[tuple[object, ...]]
+    rows: Iterator[tuple[Any, ...]]  # driver values: int and bytes/memoryview
     if session.get_bind().dialect.name == "postgresql":
         rows = _binary_rows(session, _CODE_SQL.format(m="%s", p="%s"), (model_id, preprocessing_version))
     else:
         rows = iter(session.execute(text(_CODE_SQL.format(m=":m", p=":p")).execution_options(yield_per=8),
                                     {"m": model_id, "p": preprocessing_version}))
     for pack_id, count, dim, *arrays in rows:
-        yield _code_chunk(int(pack_id), int(count), int(dim), *(bytes(a) for a in arrays))  # type: ignore[arg-type]
+        yield _code_chunk(int(pack_id), int(count), int(dim), *(bytes(a) for a in arrays))
 
 
 def fetch_vectors(session: Session, pack_ids: list[int]) -> dict[int, PackChunk]:
@@ -242,7 +243,7 @@ def fetch_vectors(session: Session, pack_ids: list[int]) -> dict[int, PackChunk]
     if not pack_ids:
         return out
     if session.get_bind().dialect.name == "postgresql":
-        rows: Iterator[tuple[object, ...]] = _binary_rows(
+        rows: Iterator[tuple[Any, ...]] = _binary_rows(
             session, "SELECT id, count, dim, study_ids, versions, vectors FROM study_embedding_packs "
             "WHERE id = ANY(%s)", (sorted(pack_ids),))
     else:  # IN lists of at most 500, below SQLite's historical 999-parameter limit
@@ -252,7 +253,7 @@ def fetch_vectors(session: Session, pack_ids: list[int]) -> dict[int, PackChunk]
                    StudyEmbeddingPack.study_ids, StudyEmbeddingPack.versions, StudyEmbeddingPack.vectors)
             .where(StudyEmbeddingPack.id.in_(wanted[start : start + 500]))))
     for pack_id, count, dim, ids, versions, vectors in rows:
-        out[int(pack_id)] = _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))  # type: ignore[arg-type]
+        out[int(pack_id)] = _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))
     return out
 
 

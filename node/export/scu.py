@@ -105,7 +105,7 @@ def _identify(source: Path | Dataset) -> tuple[str, str, str]:
 
 def proposed_contexts(sop_class: str, transfer_syntax: str) -> list[tuple[str, list[str]]]:
     """The presentation contexts to propose for one object (abstract syntax, syntaxes)."""
-    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    uncompressed: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     if transfer_syntax in uncompressed:
         first = [transfer_syntax] + [t for t in uncompressed if t != transfer_syntax]
         return [(sop_class, first)]

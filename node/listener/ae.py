@@ -229,6 +229,7 @@ def make_request_handler(
     def on_requested(event: evt.Event) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
+        assert primitive is not None  # set from the A-ASSOCIATE-RQ before EVT_REQUESTED
         calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         peer = str(assoc.requestor.address)
@@ -288,6 +289,7 @@ def build_ae(
     ae.maximum_pdu_size = maximum_pdu_size
     syntaxes = list(dict.fromkeys(transfer_syntaxes))
     for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None  # pynetdicom's storage contexts all name one
         ae.add_supported_context(cx.abstract_syntax, syntaxes)
     ae.add_supported_context(Verification, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
     # Storage Commitment Push Model SCP (PS3.4 Annex J; node.listener.commitment).

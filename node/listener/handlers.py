@@ -50,11 +50,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from node.db import repo
 from node.db.base import Database
@@ -262,7 +263,7 @@ def _record_refusal(ctx: StoreContext, refused: _Refused, calling: str, host: st
 def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
     """The C-STORE handler body; see the module docstring for the order and statuses."""
     calling, host = _peer(event)
-    request = event.request
+    request = cast(C_STORE, event.request)  # evt.EVT_C_STORE carries a C-STORE request
     command_sop = str(request.AffectedSOPInstanceUID or "").strip()
     command_class = str(request.AffectedSOPClassUID or "").strip()
     try:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -241,11 +241,11 @@ def _serve(
 ) -> _LocusServer:
     """What ``AE.start_server(block=False)`` does, with Locus's receive path
     (node.listener.transport), its hand-off to listener processes and its TLS."""
-    server = ae.make_server(
+    server = cast(_LocusServer, ae.make_server(
         (cfg.host, port), evt_handlers=handlers, server_class=_LocusServer,
         request_handler=LocusRequestHandler,
         contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
-    )
+    ))  # server_class=_LocusServer
     server.locus_event_driven = cfg.event_driven
     server.locus_max_pending = cfg.max_pending_connections
     server.locus_tls = tls

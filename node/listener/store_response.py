@@ -149,7 +149,8 @@ class ListenerDimse(DIMSEServiceProvider):
                     target=make_target(self.assoc._serve_request), args=(d_primitive, context_id)
                 ).start()
             else:
-                self.msg_queue.put((context_id, d_primitive))
+                # pynetdicom's queue annotation omits C-CANCEL, which this branch (as upstream's) can pass on
+                self.msg_queue.put((context_id, d_primitive))  # type: ignore[arg-type]  # see above
         message.encoded_command_set = BytesIO()
         message.data_set = BytesIO()
         message._data_set_file = None
@@ -164,7 +165,8 @@ class ListenerDimse(DIMSEServiceProvider):
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = int(command.MessageID)
         rsp.Status = _INVALID_UID
-        rsp.ErrorComment = "a UID in the command set is not a valid UID (more than 64 characters?)"
+        # pynetdicom's C_STORE.__init__ sets ErrorComment = None, so mypy infers None; it is a string field
+        rsp.ErrorComment = "a UID in the command set is not a valid UID (more than 64 characters?)"  # type: ignore[assignment]  # see above
         sop_class = _valid_length_uid(command.get("AffectedSOPClassUID"))
         sop_instance = _valid_length_uid(command.get("AffectedSOPInstanceUID"))
         if sop_class and sop_instance:

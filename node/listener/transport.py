@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import threading
 import time
 import weakref
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
 DUL_IDLE_WAIT_S = 0.005
 
 
-class WakingQueue(queue.Queue):  # type: ignore[type-arg]
+class WakingQueue(queue.Queue):
     """A ``queue.Queue`` that calls ``wake()`` after every ``put``.
 
     pynetdicom's loops poll their queues; this lets a waiting loop be woken instead.
@@ -91,7 +92,7 @@ class WakingQueue(queue.Queue):  # type: ignore[type-arg]
         self._wake()
 
     @classmethod
-    def replacing(cls, old: queue.Queue, wake: Callable[[], None]) -> WakingQueue:  # type: ignore[type-arg]
+    def replacing(cls, old: queue.Queue, wake: Callable[[], None]) -> WakingQueue:
         """A waking queue holding what ``old`` holds now (e.g. the Evt5 of the accept)."""
         new = cls(wake)
         while True:
@@ -188,7 +189,8 @@ class BulkReceiveSocket(AssociationSocket):
         if pending is not None and pending():
             return True
         try:
-            readable, _, _ = select.select([sock, pipe], [], [], DUL_IDLE_WAIT_S)
+            waitables: list[socket.socket | WakePipe] = [sock, pipe]
+            readable, _, _ = select.select(waitables, [], [], DUL_IDLE_WAIT_S)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
             return False

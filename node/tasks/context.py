@@ -63,7 +63,7 @@ def get_context() -> WorkerContext:
     global _context
     with _context_lock:
         if _context is None:
-            _context = build_context(LocusSettings())
+            _context = build_context(LocusSettings.load())
         return _context
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 @app.task(name=ANALYSE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=5)
-def analyse(self, study_version_id: int) -> str:  # type: ignore[no-untyped-def]
+def analyse(self, study_version_id: int) -> str:
     from node import jobs
     from pipelines.errors import TransientError
 
@@ -30,7 +30,7 @@ def analyse(self, study_version_id: int) -> str:  # type: ignore[no-untyped-def]
 
 
 @app.task(name=EXPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-def export_pass(self) -> int:  # type: ignore[no-untyped-def]
+def export_pass(self) -> int:
     """One outbox pass: every due export is claimed (with a lease), sent and recorded."""
     from node import jobs
 

@@ -23,7 +23,7 @@ from pydicom import Dataset
 
 from pipelines.datasets.hclal_layout import label_dtype
 from pipelines.dicom.inventory import take_inventory
-from pipelines.dicom.seg import SegObject, SourceRegion, check_frame_of_reference, map_region, read_segments
+from pipelines.dicom.seg import Mode, SegObject, SourceRegion, check_frame_of_reference, map_region, read_segments
 from pipelines.dicom.series import build_volume_report
 from pipelines.dicom.suv import suv_or_fallback
 from pipelines.dicom.volume import Volume
@@ -122,7 +122,7 @@ def lesion_label_map(target: Volume, segs: dict[str, SegObject], lesions: Sequen
             missing[key.lesion_id] = f"SEG {key.seg_sop_uid} is not in the study's instances"
             continue
         check_frame_of_reference(seg, target)
-        mode = "segments" if key.component is None else "components"
+        mode: Mode = "segments" if key.component is None else "components"
         cache_key = (key.seg_sop_uid, key.segment_number, mode)
         if cache_key not in regions_cache:
             regions_cache[cache_key] = seg.source_regions([key.segment_number], mode)

@@ -41,7 +41,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -266,7 +266,7 @@ class SegObject:
         self._fallback: _FallbackFrames | None = None
         self._labelmap: tuple[np.ndarray, np.ndarray, list] | None = None
         self._cache: dict[int, SourceRegion] = {}
-        self._frame_table: tuple[tuple[np.ndarray, np.ndarray] | None, object] | None = None
+        self._frame_table: tuple[tuple[np.ndarray, np.ndarray] | None, hd.VolumeGeometry | None] | None = None
         self.reader = "fallback" if reader == "fallback" else "highdicom"
         if reader != "fallback":
             try:
@@ -463,7 +463,7 @@ def _crop(number: int, component: int | None, mask: np.ndarray, affine: np.ndarr
 # ---------------------------------------------------------------------------------------
 # Fallback: Per-Frame / Shared Functional Groups parser (dicom-guide section 4)
 # ---------------------------------------------------------------------------------------
-def _fg(per_frame: Dataset | None, shared: Dataset | None, seq: str, attr: str) -> object | None:
+def _fg(per_frame: Dataset | None, shared: Dataset | None, seq: str, attr: str) -> Any:  # element value, any VR
     for group in (per_frame, shared):
         if group is None:
             continue
@@ -478,7 +478,7 @@ def _frame_table(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per = ds.PerFrameFunctionalGroupsSequence
     pos = np.array([[float(v) for v in p.PlanePositionSequence[0].ImagePositionPatient] for p in per])
-    nums = np.array([int(_fg(p, shared, "SegmentIdentificationSequence",  # type: ignore[call-overload]
+    nums = np.array([int(_fg(p, shared, "SegmentIdentificationSequence",
                                  "ReferencedSegmentNumber")) for p in per])
     return pos, nums
 
@@ -529,13 +529,13 @@ class _FallbackFrames:
             if ipp is None:
                 raise SegmentationError(f"SEG {uid}: frame {f + 1} has no Image Position (Patient)",
                                         code="seg_geometry")
-            pos.append([float(v) for v in ipp])  # type: ignore[union-attr]
+            pos.append([float(v) for v in ipp])
             if self.segmentation_type != "LABELMAP":
                 ref = _fg(p, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
                 if ref is None:
                     raise SegmentationError(f"SEG {uid}: frame {f + 1} has no Referenced Segment Number",
                                             code="seg_malformed")
-                seg_nums.append(int(ref))  # type: ignore[call-overload]
+                seg_nums.append(int(ref))
         self.positions = np.asarray(pos)
         self.segment_of_frame = np.asarray(seg_nums, dtype=np.int64)
         self.frames = self._decode(nf)

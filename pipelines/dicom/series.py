@@ -35,7 +35,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -111,9 +111,9 @@ class SliceRef:
         return (self.sop_instance_uid, self.frame)
 
 
-def _floats(value: object, n: int, what: str, uid: str) -> np.ndarray:
+def _floats(value: Any, n: int, what: str, uid: str) -> np.ndarray:  # any header value; checked below
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise GeometryError(f"instance {uid}: {what} is missing or not numeric", code="missing_geometry") from exc
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):

@@ -192,7 +192,7 @@ def _triple(value: Any, name: str, kind: type) -> tuple[Any, Any, Any]:
         raise ModelError(f"checkpoint field '{name}' is not a list of numbers: {value!r}", code="checkpoint_metadata") from exc
     if len(items) != 3:
         raise ModelError(f"checkpoint field '{name}' must have 3 values (x, y, z), got {value!r}", code="checkpoint_metadata")
-    return items  # type: ignore[return-value]
+    return items
 
 
 def parse_preprocessing(state: Mapping[str, Any]) -> Preprocessing:

@@ -114,10 +114,10 @@ class LocalizerSpec:
                 fine=pinned("fine"),
                 vocabulary=pinned("vocabulary"),
                 descriptions=pinned("descriptions"),
-                nets=tuple(data.get("nets", ("", ""))),  # type: ignore[arg-type]
+                nets=tuple(data.get("nets", ("", ""))),
                 preprocessing=dict(data.get("preprocessing", {})),
                 implementation=str(data.get("implementation", LOCALIZER_IMPLEMENTATION)),
-                weights_content=tuple(data.get("weights_content_sha256", ("", ""))),  # type: ignore[arg-type]
+                weights_content=tuple(data.get("weights_content_sha256", ("", ""))),
             )
         except (KeyError, TypeError) as exc:
             raise ModelError(f"malformed localizer registry entry: missing {exc}", code="registry_invalid") from exc
@@ -150,7 +150,7 @@ class ModelRegistry:
         except KeyError:
             raise ModelError(f"no model registered as {model_id!r}", code="model_unknown") from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self._specs.values())
 
     def __len__(self) -> int:

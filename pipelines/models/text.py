@@ -104,7 +104,7 @@ def load_text_tower(sd: Mapping[str, torch.Tensor], heads: int | None = None) ->
 
 
 @functools.lru_cache(maxsize=1)
-def _open_clip_tokenizer():  # type: ignore[no-untyped-def]
+def _open_clip_tokenizer():
     import open_clip
 
     return open_clip.get_tokenizer(OPEN_CLIP_MODEL)

@@ -584,6 +584,7 @@ def _devices(report: MeasurementReport) -> tuple[ReadDevice, ...]:
     out = []
     for context in report.get_observer_contexts(observer_type=codes.OBSERVER_TYPE_DEVICE):
         attrs = context.observer_identifying_attributes
+        assert isinstance(attrs, hd.sr.DeviceObserverIdentifyingAttributes)  # selected by observer type above
         out.append(ReadDevice(
             uid=str(attrs.uid),
             name=attrs.name,

@@ -42,7 +42,7 @@ class AugmentationConfig:
     ratio_range: tuple[float, float] = (0.8, 1.2)
 
 
-def rotation_matrix(axis: Sequence[float], angle_rad: float) -> np.ndarray:
+def rotation_matrix(axis: Sequence[float] | np.ndarray, angle_rad: float) -> np.ndarray:
     """Rodrigues' rotation about a unit ``axis``."""
     a = np.asarray(axis, dtype=np.float64)
     a = a / np.linalg.norm(a)

@@ -43,8 +43,8 @@ def skip_topn_targets(logits: torch.Tensor, positives: torch.Tensor, skip_num: i
 
 def skip_topn_loss(logits: torch.Tensor, positives: torch.Tensor, *, skip_num: int, smoothing: float = 0.1) -> torch.Tensor:
     """Symmetric SkipTopN loss of ``[B, B]`` image-text logits."""
-    loss = 0.0
+    loss = logits.new_zeros(())
     for lg, pm in ((logits, positives), (logits.T, positives.T)):
         t = skip_topn_targets(lg, pm, skip_num, smoothing)
         loss = loss + (-(t * lg.log_softmax(dim=1)).sum(dim=1)).mean()
-    return loss / 2  # type: ignore[return-value]
+    return loss / 2

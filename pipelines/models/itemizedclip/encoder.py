@@ -157,8 +157,10 @@ def load_maps(path: str | Path) -> StoredMaps:
     try:
         with np.load(Path(path), allow_pickle=False) as z:
             maps = z["maps"].astype(np.float32)
-            grid = geometry.TokenGrid(tuple(int(v) for v in maps.shape[1:]), tuple(int(v) for v in z["patch_dhw"]),
-                                      z["crop_affine_lps"].astype(np.float64), str(z["frame_of_reference_uid"]))  # type: ignore[arg-type]  # fmt: skip
+            d, h, w = (int(v) for v in maps.shape[1:])
+            pd, ph, pw = (int(v) for v in z["patch_dhw"])
+            grid = geometry.TokenGrid((d, h, w), (pd, ph, pw),
+                                      z["crop_affine_lps"].astype(np.float64), str(z["frame_of_reference_uid"]))  # fmt: skip
             return StoredMaps(tuple(str(v) for v in z["finding_ids"]), maps, z["null_weight"].astype(np.float32),
                               z["embeddings"].astype(np.float32), grid, str(z["model_id"]), str(z["map_rule"]))  # fmt: skip
     except (OSError, KeyError, ValueError) as exc:
@@ -241,7 +243,7 @@ class ItemizedClipEncoder:
                 finding_id=item.id, finding=item.finding, prompt=self.prompts.text(item), score=s,
                 threshold=None if t is None else float(t), present=None if t is None else bool(s > t),
                 embedding=embeddings[k].astype(np.float32), null_weight=float(attention[k, -1]),
-                token_map=maps[k].astype(np.float32), peak_dhw=dhw, peak_lps=tuple(float(v) for v in lps),
+                token_map=maps[k].astype(np.float32), peak_dhw=dhw, peak_lps=(float(lps[0]), float(lps[1]), float(lps[2])),
                 peak_weight=float(maps[k][dhw]),
             ))  # fmt: skip
         g = torch.nn.functional.normalize(out.global_features[0].float(), dim=-1).cpu().numpy()

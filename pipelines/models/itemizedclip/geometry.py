@@ -120,8 +120,8 @@ class TokenGrid:
         arr = np.asarray(token_map)
         if arr.shape != self.grid:
             raise ModelError(f"map of shape {arr.shape} for a {self.grid} grid", code="map_shape")
-        dhw = tuple(int(v) for v in np.unravel_index(int(np.argmax(arr)), self.grid))
-        return dhw, self.token_centre_lps(dhw)[0]  # type: ignore[return-value]
+        d, h, w = (int(v) for v in np.unravel_index(int(np.argmax(arr)), self.grid))
+        return (d, h, w), self.token_centre_lps((d, h, w))[0]
 
     def to_json(self) -> dict[str, object]:
         return {"grid_dhw": list(self.grid), "patch_dhw": list(self.patch),

@@ -66,7 +66,7 @@ def register_configs(extra_dir: str | Path | None = None) -> None:
         hlip_model.register_configs(extra_dir)
 
 
-class ItemizedCLIP(CustomTextCLIP):  # type: ignore[misc]
+class ItemizedCLIP(CustomTextCLIP):
     """open_clip ``CustomTextCLIP`` + ``visual_attn`` (upstream ``open_mri/my_model.py:60-92``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

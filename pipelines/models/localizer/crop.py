@@ -134,7 +134,7 @@ def outside_fraction(images: Sequence[sitk.Image], origin: Sequence[float], geom
             oblique.append(img)
             continue
         for a in range(3):
-            inside[a] &= per_axis[a]  # type: ignore[operator]
+            inside[a] &= per_axis[a]
     total = int(np.prod(geom.size))
     if not oblique:
         return 1.0 - float(np.prod([int(v.sum()) for v in inside])) / total

@@ -186,7 +186,7 @@ def _build_stage(
     net = build_network(ckpt).to(device)
     if channels_last:
         net.image_encoder.to(memory_format=torch.channels_last_3d)
-    context = int(net.text_encoder.context_length)
+    context = net.context_length
     tokens = ClipTokenizer(context).tokenize([vocab.text(w) for w in words])
     if text_cache is None:
         emb = encode_texts(net.text_encoder, tokens, post=net.text_fc)

@@ -55,6 +55,7 @@ class HclalClipNet(nn.Module):
         self.net_name = net
         features = num_features or text_cfg.output_dim
         self.text_encoder = build_text_tower(text_cfg)
+        self.context_length: int = text_cfg.context_length  # the text tower's, typed (not a state-dict entry)
         self.image_encoder = encoder_cls(in_channels, crop_size, features)
         self.text_fc = nn.Linear(text_cfg.output_dim, features) if has_text_fc else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

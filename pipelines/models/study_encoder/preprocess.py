@@ -208,8 +208,8 @@ def preprocess_chest_ct(
     for ax in range(3):
         first = starts[ax] - pads[ax]
         last = first + params.size_zyx[ax] - 1
-        src = resampled_position(np.array([first, last]), n_in[ax], n_out[ax])
-        mm = ct.origin_lps[2 - ax] + src * ct.spacing_zyx[ax]
+        src_pos = resampled_position(np.array([first, last]), n_in[ax], n_out[ax])
+        mm = ct.origin_lps[2 - ax] + src_pos * ct.spacing_zyx[ax]
         lo.append(float(mm[0]))
         hi.append(float(mm[1]))
     description = {

@@ -162,7 +162,7 @@ class HlipVisionTransformer(nn.Module):
         norm = _layer_norm
         self.blocks = nn.ModuleList(
             Block(spec.embed_dim, spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
-                  norm_layer=norm)
+                  norm_layer=norm)  # type: ignore[arg-type]  # timm calls norm_layer(dim); its annotation says type
             for i in range(spec.depth)
         )
         self.norm = norm(spec.embed_dim)
