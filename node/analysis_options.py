@@ -33,6 +33,7 @@ class ModelSource:
     detail: str
 
     def describe(self) -> str:
+        """One line for the analysis log and the SR's model notes: which role came from where."""
         return f"{self.role}: {self.detail}"
 
 

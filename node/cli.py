@@ -73,9 +73,11 @@ class LazyGroup(click.Group):
         return self._plugins
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command name: built-in, lazy (not imported until run) and ``locus.commands`` plugins."""
         return sorted(set(self.commands) | set(self.lazy_commands) | set(self.plugins()))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command by name, importing a lazy command or loading a plugin only when it is run."""
         if cmd_name in self.commands:
             return self.commands[cmd_name]
         if cmd_name in self.lazy_commands:
@@ -155,6 +157,7 @@ _QUIET = {"analyse", "analyses", "results", "library", "exports", "echo", "db", 
 
 
 def settings_of(ctx: click.Context) -> LocusSettings:
+    """The settings the root command loaded, for subcommands (one load per invocation)."""
     from node.settings import LocusSettings
 
     return ctx.find_object(LocusSettings)  # type: ignore[return-value]

@@ -56,6 +56,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def is_nifti(path: Path) -> bool:
+    """Whether a path is a NIfTI file, which takes the CT-RATE loader path instead of DICOM."""
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
 
 

@@ -42,6 +42,7 @@ COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
 
 
 def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC (the database stores UTC)."""
     return dt.datetime.now(dt.UTC)
 
 

@@ -53,7 +53,8 @@ class ModelHost(Protocol):
 
     settings: LocusSettings
 
-    def model(self, key: str, loader: Any) -> Any: ...
+    def model(self, key: str, loader: Any) -> Any:
+        """The cached model for ``key``, built by ``loader()`` on first use."""
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ModelCache:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def model(self, key: str, loader: Any) -> Any:
+        """The model for ``key``, loading it once per process (weights are large; loads are slow)."""
         with self._lock:
             if key not in self._models:
                 self._models[key] = loader()

@@ -117,6 +117,7 @@ def reclaim_expired(ctx: WorkerContext, now: datetime.datetime) -> list[int]:
 
 @dataclass
 class RunningNode:
+    """A node started in this process (listener plus optional workers), so it can be stopped as one."""
     ctx: WorkerContext
     listener: ListenerServer
     stop_event: threading.Event = field(default_factory=threading.Event)
@@ -124,6 +125,7 @@ class RunningNode:
     worker: Any = None
 
     def stop(self) -> None:
+        """Stop the listener first (no new instances), then the workers."""
         self.stop_event.set()
         self.listener.shutdown()
         if self.worker is not None:
@@ -186,6 +188,7 @@ def start_worker_thread(queues: list[str], concurrency: int = 1) -> tuple[Any, t
 
 
 def start_node(settings: LocusSettings, *, analysis_worker: bool = True, io_worker: bool = True) -> RunningNode:
+    """Start listener and workers in one process (``locus serve``, demo and tests)."""
     ctx = prepare(settings)
     listener = start_listener(settings, ctx.db, ctx.spool)
     node = RunningNode(ctx=ctx, listener=listener)

@@ -209,10 +209,12 @@ class DatabaseSettings(_Section):
 
     @property
     def is_sqlite(self) -> bool:
+        """Whether the database is SQLite (single-host defaults differ from PostgreSQL's)."""
         return self.url.startswith("sqlite")
 
     @property
     def should_auto_upgrade(self) -> bool:
+        """Whether processes migrate the schema on open: by default only SQLite's, which has no DBA."""
         return self.is_sqlite if self.auto_upgrade is None else self.auto_upgrade
 
 
@@ -312,6 +314,7 @@ class ExportSettings(_Section):
         return self
 
     def destination(self, name: str) -> ExportDestination:
+        """The destination named ``name``; KeyError naming it when none is configured."""
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -352,6 +355,7 @@ class ModelsSettings(_Section):
     text_cache_dir: Path | None = None
 
     def resolve(self, path: Path | None) -> Path | None:
+        """A model path made absolute against the models directory (``~`` expanded); None stays None."""
         if path is None:
             return None
         path = path.expanduser()
@@ -438,6 +442,7 @@ class LocusSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order the sources: init values, environment, ``$LOCUS_DATA_DIR``, then the TOML file."""
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _DataDirEnvSource(settings_cls)]
         path = _config_path.get()
         if path is None and os.environ.get("LOCUS_CONFIG"):
@@ -472,6 +477,7 @@ class LocusSettings(BaseSettings):
 
     @property
     def data_dir(self) -> Path:
+        """The node's data directory (spool, SQLite files), where relative paths resolve."""
         return self.storage.data_dir
 
 

@@ -41,6 +41,7 @@ Strategy = Literal["codes", "full"]
 
 @dataclass(frozen=True)
 class SimilarStudy:
+    """One study found similar, with its cosine similarity to the query."""
     study_uid: str
     version: int
     similarity: float  # cosine, in [-1, 1]
@@ -48,6 +49,7 @@ class SimilarStudy:
 
 @dataclass(frozen=True)
 class SimilarityResult:
+    """The answer of a similarity query, with what was compared so it can be reproduced."""
     query_study_uid: str
     query_version: int
     model_id: str

@@ -171,15 +171,20 @@ class Spool(Protocol):
         """Make the directory entry of ``relpath`` durable (fsync its directory)."""
         ...
 
-    def exists(self, relpath: str) -> bool: ...
+    def exists(self, relpath: str) -> bool:
+        """Whether the file is stored (a resend is detected by this)."""
 
-    def open(self, relpath: str) -> BinaryIO: ...
+    def open(self, relpath: str) -> BinaryIO:
+        """Open a stored file for reading."""
 
-    def path(self, relpath: str) -> Path: ...
+    def path(self, relpath: str) -> Path:
+        """The filesystem path of a stored file (workers read it directly)."""
 
-    def space(self, incoming_bytes: int = 0) -> SpaceReport: ...
+    def space(self, incoming_bytes: int = 0) -> SpaceReport:
+        """Free space against the watermarks, counting ``incoming_bytes`` as already written."""
 
-    def free_space_ok(self, incoming_bytes: int = 0) -> bool: ...
+    def free_space_ok(self, incoming_bytes: int = 0) -> bool:
+        """Whether a store of ``incoming_bytes`` keeps the spool above its watermark."""
 
     def remove(self, relpath: str) -> None:
         """Delete one stored file (a refused instance's copy, retention); missing is not an error."""
@@ -295,13 +300,16 @@ class LocalSpool:
         return self.root.joinpath(*rel.parts)
 
     def exists(self, relpath: str) -> bool:
+        """Whether the file is stored (a resend is detected by this)."""
         return self.path(relpath).is_file()
 
     def open(self, relpath: str) -> BinaryIO:
+        """Open a stored file for reading."""
         return self.path(relpath).open("rb")
 
     # -- space -------------------------------------------------------------------------
     def space(self, incoming_bytes: int = 0) -> SpaceReport:
+        """Free space of the spool's filesystem against the watermarks."""
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         total = st.f_blocks * st.f_frsize
@@ -321,6 +329,7 @@ class LocalSpool:
         return SpaceReport(free, total, incoming_bytes, not reason, reason)
 
     def free_space_ok(self, incoming_bytes: int = 0) -> bool:
+        """Whether a store of ``incoming_bytes`` keeps the spool above its watermark."""
         return self.space(incoming_bytes).ok
 
     # -- writing -----------------------------------------------------------------------
@@ -349,6 +358,7 @@ class LocalSpool:
         sync_dir: bool = True,
         variant: str | None = None,
     ) -> str:
+        """Store one instance durably (see :meth:`Spool.put_atomic`): an instance is acknowledged only after this."""
         relpath = relpath_for(study_uid, series_uid, sop_uid, variant)
         target = self.path(relpath)
         if target.is_file():
@@ -387,6 +397,7 @@ class LocalSpool:
         return relpath
 
     def sync_parent(self, relpath: str) -> None:
+        """fsync the file's directory, so the rename survives a power loss."""
         if self.fsync:
             _fsync_dir(self.path(relpath).parent)
 

@@ -65,23 +65,28 @@ class LesionLocalizer(Protocol):
     """What the analysis needs from an anatomical localizer (see pipelines.models.localizer)."""
 
     @property
-    def models(self) -> Sequence[ModelInfo]: ...
+    def models(self) -> Sequence[ModelInfo]:
+        """The models whose outputs the SR names."""
 
     def localize_lesions(
         self, *, ct: Volume | None, suv: Volume, lesions: Sequence[Lesion], segs: Sequence[SegObject]
-    ) -> list[Localization | None]: ...
+    ) -> list[Localization | None]:
+        """One location per lesion (None where the model gives none), in the lesions' order."""
 
 
 class StudyEncoderLike(Protocol):
     """What the analysis needs from a study encoder (see pipelines.models.study_encoder.model)."""
 
     @property
-    def model_info(self) -> ModelInfo: ...
+    def model_info(self) -> ModelInfo:
+        """The model the SR names as the encoding's source."""
 
     @property
-    def last_timings(self) -> dict[str, float]: ...
+    def last_timings(self) -> dict[str, float]:
+        """Seconds per step of the last encoding, for the analysis log."""
 
-    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding: ...
+    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding:
+        """The study-level encoding of a CT volume."""
 
 
 @dataclass(frozen=True)

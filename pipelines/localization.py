@@ -58,10 +58,12 @@ class LibraryLocalizer:
 
     @property
     def models(self) -> Sequence[ModelInfo]:
+        """The localizer model the SR names."""
         return [self.localizer.model_info]
 
     def localize_lesions(self, *, ct: Volume | None, suv: Volume, lesions: Sequence[Lesion],
                          segs: Sequence[SegObject]) -> list[Localization | None]:
+        """One library location per lesion; None for every lesion without a CT (the model's first channel)."""
         if ct is None:  # the model's first channel is CT: no CT, no location (flagged by the SR)
             return [None] * len(lesions)
         by_uid = {s.sop_instance_uid: s for s in segs}

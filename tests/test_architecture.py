@@ -58,3 +58,45 @@ def test_sqlalchemy_only_in_node_db() -> None:
         and any(n == "sqlalchemy" or n.startswith("sqlalchemy.") for n in _imports(p))
     ]
     assert offenders == []
+
+
+def _undocumented(path: Path, rel: str) -> list[str]:
+    """Public classes, functions and methods of one module that have no docstring."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    missing: list[str] = []
+
+    def walk(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) or node.name.startswith("_"):
+                continue
+            decorators = {d.attr if isinstance(d, ast.Attribute) else getattr(d, "id", "") for d in node.decorator_list}
+            if not isinstance(node, ast.ClassDef) and decorators & {"setter", "deleter", "overload"}:
+                continue  # documented on the getter / the implementation
+            if ast.get_docstring(node) is None:
+                missing.append(f"{rel}:{node.lineno} {prefix}{node.name}")
+            if isinstance(node, ast.ClassDef):
+                walk(node.body, f"{prefix}{node.name}.")
+
+    walk(tree.body, "")
+    return missing
+
+
+def _public_modules(package: str) -> list[Path]:
+    return [p for p in sorted((ROOT / package).rglob("*.py"))
+            if not any(part.startswith("_") and part != "__init__.py" for part in p.relative_to(ROOT).parts)
+            and "migrations" not in p.parts]
+
+
+@pytest.mark.parametrize("package", ["node", "pipelines"])
+def test_public_api_has_docstrings(package: str) -> None:
+    """Every public function, method and class of node/ and pipelines/ says why it exists (house style)."""
+    missing = [m for p in _public_modules(package) for m in _undocumented(p, str(p.relative_to(ROOT)))]
+    assert not missing, "public definitions without a docstring:\n" + "\n".join(missing)
+
+
+def test_docstring_check_sees_a_missing_docstring(tmp_path: Path) -> None:
+    """The walker above finds undocumented public names and ignores private ones."""
+    mod = tmp_path / "m.py"
+    mod.write_text('def f():\n    pass\n\n\ndef _g():\n    pass\n\n\nclass C:\n    """Doc."""\n\n'
+                   "    def m(self):\n        pass\n\n    def _p(self):\n        pass\n", encoding="utf-8")
+    assert _undocumented(mod, "m.py") == ["m.py:1 f", "m.py:12 C.m"]

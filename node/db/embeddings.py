@@ -21,6 +21,7 @@ from node.db.models import Study, StudyEmbedding, StudyVersion
 
 @dataclass(frozen=True)
 class StoredVector:
+    """One stored study embedding with the identifiers that make it comparable."""
     study_uid: str
     version: int
     model_id: str

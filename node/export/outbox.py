@@ -81,6 +81,7 @@ class DestinationResolver:
     senders: Mapping[str, Peer] = field(default_factory=dict)
 
     def resolve(self, name: str, calling_aes: Sequence[str] = ()) -> Peer:
+        """The peer for a destination name; return-to-sender picks the first calling AE with a host and port."""
         if name != RETURN_TO_SENDER:
             peer = self.destinations.get(name)
             if peer is None:
@@ -98,6 +99,7 @@ class DestinationResolver:
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> DestinationResolver:
+        """The resolver of the configured export destinations."""
         dests = {
             d.name: Peer(ae_title=d.ae_title, host=d.host, port=d.port, name=d.name, tls=PeerTls.of(d))
             for d in settings.export.destinations

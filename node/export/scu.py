@@ -91,6 +91,7 @@ class SendResult:
 
     @property
     def warning(self) -> bool:
+        """Whether the peer accepted with a warning status rather than plain success (PS3.4 B.2.3)."""
         return self.status != 0x0000
 
 

@@ -155,6 +155,7 @@ class CallerPolicy:
 
     @property
     def open(self) -> bool:
+        """Whether every calling AE is accepted (no allow-list configured)."""
         return not self.allowed
 
     def check(self, calling_ae: str, called_ae: str, peer_host: str) -> Refusal | None:

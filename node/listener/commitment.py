@@ -86,6 +86,7 @@ class CommitmentResult:
 
     @property
     def event_type(self) -> int:
+        """The N-EVENT-REPORT Event Type ID for this result (PS3.4 J.3.3)."""
         return EVENT_FAILURES_EXIST if self.failed else EVENT_ALL_COMMITTED
 
 

@@ -177,6 +177,7 @@ class ListenerChildren:
     handed_off: int = 0  # connections passed to children (observability and tests)
 
     def start(self) -> None:
+        """Spawn the listener processes and the thread that restarts one that dies."""
         self._procs = [self._spawn(n) for n in range(self.count)]
         self._monitor = threading.Thread(target=self._watch, name="listener-children", daemon=True)
         self._monitor.start()
@@ -246,9 +247,11 @@ class ListenerChildren:
 
     @property
     def pids(self) -> list[int]:
+        """The process ids of the live children (status output and tests)."""
         return [int(c.process.pid) for c in self._procs if c.process.is_alive()]
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the children and their monitor; waits up to ``timeout`` seconds each."""
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join(10)

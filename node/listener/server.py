@@ -90,6 +90,7 @@ class ListenerConfig:
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> ListenerConfig:
+        """The listener's configuration from the node settings."""
         d = settings.dicom
         return cls(
             ae_title=d.ae_title,
@@ -138,21 +139,26 @@ class ListenerServer:
 
     @property
     def host(self) -> str:
+        """The address the listener is bound to."""
         return str(self.server.server_address[0])
 
     @property
     def port(self) -> int:
+        """The bound port (the real one when 0 was configured)."""
         return int(self.server.server_address[1])
 
     @property
     def tls_port(self) -> int | None:
+        """The bound TLS port, or None without TLS."""
         return None if self.tls_server is None else int(self.tls_server.server_address[1])
 
     @property
     def ae_title(self) -> str:
+        """The AE title the listener answers to."""
         return self.config.ae_title
 
     def shutdown(self) -> None:
+        """Stop accepting, stop the listener processes and close every server socket."""
         if self.children is not None:
             self.children.stop()
         self.server.shutdown()

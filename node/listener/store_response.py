@@ -118,6 +118,7 @@ class ListenerDimse(DIMSEServiceProvider):
         self._after[message_id] = callback
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send as pynetdicom does, then run the hook queued for this message id (post-response work)."""
         super().send_msg(primitive, context_id)
         responded = primitive.MessageIDBeingRespondedTo
         if self._after and responded is not None:
@@ -126,6 +127,7 @@ class ListenerDimse(DIMSEServiceProvider):
                 callback()
 
     def receive_primitive(self, primitive: P_DATA) -> None:
+        """pynetdicom's receive, answering an unconvertible C-STORE-RQ with 0xC213 instead of aborting."""
         if self.message is None:
             self.message = DIMSEMessage()
         message = self.message
@@ -187,6 +189,7 @@ class FastStoreResponses(ListenerDimse):
     """pynetdicom's DIMSE provider, sending plain C-STORE successes without pydicom."""
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a plain C-STORE success from a prebuilt template; anything else goes through pynetdicom."""
         command = _plain_store_success(primitive)
         max_pdu = self.maximum_pdu_size
         if (

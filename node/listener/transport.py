@@ -88,6 +88,7 @@ class WakingQueue(queue.Queue):
         self._wake = wake
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put, then wake the DUL thread that waits on the wake pipe."""
         super().put(item, block, timeout)
         self._wake()
 
@@ -123,9 +124,11 @@ class WakePipe:
         self._finalizer = weakref.finalize(self, _close_fds, self._r, self._w)
 
     def fileno(self) -> int:
+        """The read end, for ``select``."""
         return self._r
 
     def signal(self) -> None:
+        """Make the read end readable (once until drained), so a waiting reader wakes."""
         if self._pending:  # already readable: the reader will look at every queue
             return
         self._pending = True
@@ -134,6 +137,7 @@ class WakePipe:
             os.write(self._w, b"\0")
 
     def drain(self) -> None:
+        """Empty the pipe after waking, so the next ``select`` waits again."""
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._r, 4096):
                 pass
@@ -142,6 +146,7 @@ class WakePipe:
         self._pending = False
 
     def close(self) -> None:
+        """Close both ends (idempotent)."""
         self.closed = True
         self._finalizer()
 
@@ -158,6 +163,7 @@ class BulkReceiveSocket(AssociationSocket):
     wake_pipe: WakePipe | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` into one buffer with as few system calls as the kernel allows."""
         sock = cast("socket.socket", self.socket)
         buffer = bytearray(nr_bytes)
         nr_read = 0
@@ -234,6 +240,7 @@ class SharedSyntaxContext(PresentationContext):
 
     @classmethod
     def of(cls, context: PresentationContext) -> SharedSyntaxContext:
+        """A copy of ``context`` whose transfer-syntax list is not re-validated on each access."""
         new = cls()
         new.__dict__.update(context.__dict__)
         new._transfer_syntax = list(context._transfer_syntax)
@@ -277,6 +284,7 @@ class LocusRequestHandler(RequestHandler):
     """
 
     def handle(self) -> None:
+        """Serve one connection: TLS handshake when configured, then the association."""
         tls = getattr(self.server, "locus_tls", None)
         if tls is not None:
             peer = str(self.client_address[0]) if isinstance(self.client_address, tuple) else "?"

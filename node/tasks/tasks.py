@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 @app.task(name=ANALYSE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=5)
 def analyse(self, study_version_id: int) -> str:
+    """Celery task: analyse one study version; transient failures retry with back-off."""
     from node import jobs
     from pipelines.errors import TransientError
 

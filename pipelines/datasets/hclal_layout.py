@@ -112,6 +112,7 @@ def ct_storage_dtype(array: np.ndarray) -> np.dtype:
 
 
 def label_dtype(max_label: int) -> np.dtype:
+    """The smallest unsigned type that holds every label (HCL-AL's label files use uint8 when they can)."""
     return np.dtype(np.uint8) if max_label <= 255 else np.dtype(np.uint16)
 
 
@@ -125,6 +126,7 @@ class StudyImages:
 
     @property
     def folder(self) -> Path:
+        """The study's folder in the layout."""
         return self.ct.parent
 
 
@@ -163,10 +165,12 @@ class Box:
     size: tuple[float, float, float]
 
     def as_row(self) -> dict[str, float]:
+        """The box as a ``bbox.csv`` row."""
         return dict(zip(BOX_COLUMNS, (*self.centre, *self.size), strict=True))
 
     @classmethod
     def from_row(cls, row: Mapping[str, str], *, where: str = "") -> Box:
+        """A box from a ``bbox.csv`` row; a bad row raises with its location."""
         try:
             v = [float(row[c]) for c in BOX_COLUMNS]
         except (KeyError, ValueError, TypeError) as exc:

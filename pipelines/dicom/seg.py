@@ -115,6 +115,7 @@ class SourceRegion:
 
     @property
     def voxel_count(self) -> int:
+        """Number of voxels in the region."""
         return int(np.count_nonzero(self.mask))
 
     def voxel_indices_ijk(self) -> np.ndarray:
@@ -142,11 +143,13 @@ class RegionMask:
 
     @property
     def slices(self) -> tuple[slice, slice, slice]:
+        """Index slices of the mask's bounding box in the full grid."""
         (k, j, i), (nk, nj, ni) = self.offset, self.mask.shape
         return (slice(k, k + nk), slice(j, j + nj), slice(i, i + ni))
 
     @property
     def voxel_count(self) -> int:
+        """Number of voxels in the region."""
         return int(np.count_nonzero(self.mask))
 
     def dense(self) -> np.ndarray:
@@ -157,6 +160,7 @@ class RegionMask:
         return out
 
     def voxel_indices_kji(self) -> np.ndarray:
+        """Full-grid (k, j, i) indices of the region's voxels."""
         return np.argwhere(self.mask) + np.asarray(self.offset)
 
 
@@ -281,9 +285,11 @@ class SegObject:
     # -- descriptions ---------------------------------------------------------------
     @property
     def segment_numbers(self) -> tuple[int, ...]:
+        """The segment numbers the SEG defines."""
         return tuple(s.number for s in self.segments)
 
     def segment(self, number: int) -> SegmentInfo:
+        """The segment with ``number``; raises a SEG error for an unknown one."""
         for s in self.segments:
             if s.number == number:
                 return s

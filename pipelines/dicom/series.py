@@ -108,6 +108,7 @@ class SliceRef:
 
     @property
     def source(self) -> tuple[str, int | None]:
+        """The (SOP Instance UID, frame) that TID 1500 image references cite."""
         return (self.sop_instance_uid, self.frame)
 
 
@@ -234,6 +235,7 @@ class StackGeometry:
 
     @property
     def median_gap_mm(self) -> float:
+        """The typical slice gap; NaN for a single slice."""
         return float(np.median(self.gaps_mm)) if len(self.gaps_mm) else float("nan")
 
     @property

@@ -256,6 +256,7 @@ class SuvConversion:
 
     @property
     def uniform(self) -> bool:
+        """Whether every slice has the same factor (then one factor describes the series)."""
         vals = list(self.factors.values())
         return bool(vals) and all(math.isclose(v, vals[0], rel_tol=1e-12) for v in vals)
 

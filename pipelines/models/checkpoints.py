@@ -60,6 +60,7 @@ class Normalizer:
     clip: bool
 
     def to_json(self) -> dict[str, Any]:
+        """The normalizer in HCL-AL's ``params.pth`` JSON form."""
         return {"type": 0, "mean": self.mean, "stddev": self.stddev, "clip": self.clip}
 
 
@@ -77,6 +78,7 @@ class Preprocessing:
     sample_method: str
 
     def to_json(self) -> dict[str, Any]:
+        """The preprocessing in HCL-AL's JSON form."""
         return {
             "spacing": list(self.spacing),
             "crop_size": list(self.crop_size),
@@ -108,6 +110,7 @@ class HclalCheckpoint:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of bytes (model ids and reports pin weights by it)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -142,6 +145,7 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def is_encrypted(data: bytes) -> bool:
+    """Whether a checkpoint is in the encrypted release format (refused: no key ships)."""
     return data[: len(UAI_TAG)] == UAI_TAG
 
 

@@ -42,6 +42,7 @@ _RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
 
 @dataclass(frozen=True)
 class TextTowerConfig:
+    """The architecture of a CLIP text tower."""
     width: int
     layers: int
     heads: int

@@ -83,6 +83,7 @@ class ItemFinding:
 
 @dataclass(frozen=True)
 class ItemizedEncoding:
+    """A study's ItemizedCLIP encoding: the embedding plus one scored, located finding per prompt item."""
     model: ModelInfo
     study_embedding: np.ndarray  # float32 [E], L2-normalised class token
     findings: tuple[ItemFinding, ...]
@@ -95,6 +96,7 @@ class ItemizedEncoding:
     timings: dict[str, float] = field(default_factory=dict, compare=False)
 
     def finding(self, finding_id: str) -> ItemFinding:
+        """The finding with ``finding_id``; raises a model error for an unknown one."""
         for f in self.findings:
             if f.finding_id == finding_id:
                 return f
@@ -143,6 +145,7 @@ class ItemizedEncoding:
 
 @dataclass(frozen=True)
 class StoredMaps:
+    """Token maps read back from their ``.npz`` file, with the grid that places them in LPS."""
     finding_ids: tuple[str, ...]
     maps: np.ndarray  # float32 [K, d, h, w] (from float16)
     null_weight: np.ndarray  # float32 [K]

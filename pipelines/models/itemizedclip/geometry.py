@@ -54,6 +54,7 @@ class TokenGrid:
     @classmethod
     def from_prepared(cls, prepared: PreparedInput, patch: tuple[int, int, int], frame_of_reference_uid: str = "",
                       ) -> TokenGrid:  # fmt: skip
+        """The token grid of a prepared input, checking the crop is a whole number of patches."""
         size = tuple(int(s) for s in prepared.tensor.shape[-3:])
         if any(s % p for s, p in zip(size, patch, strict=True)):
             raise ModelError(f"crop {size} is not a multiple of the patch {patch}", code="hlip_input_shape")
@@ -63,6 +64,7 @@ class TokenGrid:
 
     @property
     def n_tokens(self) -> int:
+        """Number of patch tokens."""
         return int(np.prod(self.grid))
 
     @property
@@ -124,6 +126,7 @@ class TokenGrid:
         return (d, h, w), self.token_centre_lps((d, h, w))[0]
 
     def to_json(self) -> dict[str, object]:
+        """The grid as JSON, stored beside the maps so they can be placed again."""
         return {"grid_dhw": list(self.grid), "patch_dhw": list(self.patch),
                 "token_affine_lps": np.round(self.affine, 6).tolist(),
                 "frame_of_reference_uid": self.frame_of_reference_uid}  # fmt: skip

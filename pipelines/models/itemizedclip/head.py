@@ -41,6 +41,7 @@ class PureAttentionPoolingBlock(nn.Module):
 
     @property
     def n_head(self) -> int:
+        """Number of attention heads (checked against the checkpoint)."""
         return int(self.attn.num_heads)
 
     def forward(

@@ -175,6 +175,7 @@ def build_model(model_name: str, text_dir: str | Path, *, config_dir: str | Path
 
 @dataclass(frozen=True)
 class ItemizedCheckpoint:
+    """A loaded ItemizedCLIP checkpoint, pinned by its file hash."""
     path: str
     sha256: str
     state_dict: dict[str, torch.Tensor]

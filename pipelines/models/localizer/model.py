@@ -128,6 +128,7 @@ class LocalizerOutput:
         }
 
     def to_localization(self, site: SiteAssignment | None = None) -> Localization:
+        """The output as the pipeline's Localization, with the library site when one was assigned."""
         return Localization(
             site=site,
             final_label=self.final_label,
@@ -143,6 +144,7 @@ class LocalizerOutput:
 
 @dataclass(frozen=True)
 class Decision:
+    """Every intermediate of one hierarchical decision, for explanations and tests."""
     coarse: hierarchy.CoarseResult
     candidates: hierarchy.FineCandidates
     fine: hierarchy.FineResult
@@ -166,6 +168,7 @@ class Stage:
 
     @property
     def geometry(self) -> CropGeometry:
+        """The crop geometry this stage's network was trained with."""
         return CropGeometry(self.pre.spacing, self.pre.crop_size)
 
 
@@ -281,6 +284,7 @@ class Localizer:
 
     @property
     def compat(self) -> bool:
+        """Whether the published HCL-AL geometry quirks are reproduced (``hcl-al`` mode)."""
         return self.geometry_mode == "hcl-al"
 
     # -- loading ------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class HclalClipNet(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Image features of a crop batch."""
         return self.image_encoder(x)
 
 

@@ -60,6 +60,7 @@ def register_configs(extra_dir: str | Path | None = None) -> None:
 
 @dataclass(frozen=True)
 class HlipCheckpoint:
+    """A loaded HLIP checkpoint, pinned by its file hash."""
     path: str
     sha256: str
     state_dict: dict[str, torch.Tensor]
@@ -162,6 +163,7 @@ class VisionOnly(nn.Module):
         self.visual = visual_tower
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Visual features of an input batch, unit-normalised on request (CLIP's interface)."""
         features = self.visual(image)
         return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
@@ -201,6 +203,7 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Non
 
 
 def tokenizer_for(text_dir: str | Path, context_length: int):
+    """The Hugging Face tokenizer in ``text_dir`` (local files only: no downloads at run time)."""
     from open_clip.tokenizer import HFTokenizer
 
     return HFTokenizer(str(Path(text_dir).resolve()), context_length=context_length)

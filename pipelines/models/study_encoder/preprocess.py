@@ -72,6 +72,7 @@ class CanonicalCt:
 
 @dataclass(frozen=True)
 class PreparedInput:
+    """The model input built from a CT, with where its crop lies in the patient."""
     tensor: torch.Tensor  # [1, 1, 1, D, H, W] float32, normalised
     crop_lps_min: tuple[float, float, float]  # LPS mm of the crop box's first voxel centre (x, y, z)
     crop_lps_max: tuple[float, float, float]
@@ -141,6 +142,7 @@ def resampled_position(m: np.ndarray | float, n_in: int, n_out: int) -> np.ndarr
 
 
 def window(x: torch.Tensor, hu: tuple[float, float] = CHEST_CT.window) -> torch.Tensor:
+    """Map HU to [0, 1] over the window."""
     lo, hi = hu
     return torch.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
@@ -176,6 +178,7 @@ def pad_crop(x: torch.Tensor, size: tuple[int, int, int], pads: tuple[int, int, 
 
 
 def normalize(x: torch.Tensor, params: ChestCtParams = CHEST_CT) -> torch.Tensor:
+    """Standardise with the training mean and std."""
     return (x - params.mean) / params.std
 
 

@@ -71,6 +71,7 @@ class HlipSpec:
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
+        """Tokens along (d, h, w)."""
         return tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))  # type: ignore[return-value]
 
     def block_levels(self) -> tuple[str, ...]:
@@ -170,10 +171,12 @@ class HlipVisionTransformer(nn.Module):
 
     # timm / open_clip TimmModel interface -------------------------------------------
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """open_clip calls this; only the classifier-free trunk is supported."""
         if num_classes != 0 or global_pool not in (None, "token"):
             raise ModelError("the HLIP trunk only supports num_classes=0 with token pooling", code="hlip_spec_invalid")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:  # pragma: no cover - training only
+        """timm's training switch, kept for interface compatibility."""
         self.grad_checkpointing = enable
 
     # position embedding ------------------------------------------------------------
@@ -236,6 +239,7 @@ class HlipVisionTransformer(nn.Module):
         return tokens, cls
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features of ``[B, N_scans, C, D, H, W]`` input."""
         if x.ndim != 6:
             raise ModelError(f"HLIP input must be [B, N_scans, C, D, H, W], got {tuple(x.shape)}",
                              code="hlip_input_shape")
@@ -259,6 +263,7 @@ class HlipVisionTransformer(nn.Module):
         return self.norm(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's features."""
         return self.forward_features(x)[:, 0]
 
 
@@ -330,6 +335,7 @@ def register_hlip_variant(name: str, spec: HlipSpec) -> None:
 
 
 def registered_spec(name: str) -> HlipSpec:
+    """The spec registered under ``name``; raises a model error for an unknown one."""
     try:
         return _REGISTERED[name]
     except KeyError:
@@ -337,6 +343,7 @@ def registered_spec(name: str) -> HlipSpec:
 
 
 def register_published_variants() -> None:
+    """Register the published HLIP variants with open_clip (idempotent)."""
     for name, spec in PUBLISHED_SPECS.items():
         register_hlip_variant(name, spec)
 

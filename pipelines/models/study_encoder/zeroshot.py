@@ -28,6 +28,7 @@ from pipelines.findings import ZeroShotFinding
 
 @dataclass(frozen=True)
 class ZeroShotClassifier:
+    """Precomputed text weights of a prompt set, scoring image embeddings without the text tower."""
     prompt_set: PromptSet
     weights: torch.Tensor  # [F, 2, D] float32, rows (negative, positive), unit norm
     logit_scale: float  # already exponentiated
