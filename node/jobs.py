@@ -29,7 +29,6 @@ from node.db import repo
 from node.lease import LeaseKeeper
 from node.logging import log_context
 from node.storage import write_file_atomic
-from node.tasks.testhooks import pause_after_claim
 from pipelines.analysis import analyse_study
 from pipelines.errors import LocusError, TransientError
 
@@ -86,7 +85,6 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
         LeaseKeeper(ctx.db, study_version_id, owner, cfg.lease_s, cfg.lease_renew_s) as lease,
     ):
         try:
-            pause_after_claim(study_version_id)  # test hook (node.tasks.testhooks): inert unless its env var is set
             return _analyse_claimed(ctx, version, instances, previous, owner, lease)
         except repo.LeaseLost as exc:
             log.warning("result discarded: %s", exc)

@@ -100,3 +100,14 @@ def test_docstring_check_sees_a_missing_docstring(tmp_path: Path) -> None:
     mod.write_text('def f():\n    pass\n\n\ndef _g():\n    pass\n\n\nclass C:\n    """Doc."""\n\n'
                    "    def m(self):\n        pass\n\n    def _p(self):\n        pass\n", encoding="utf-8")
     assert _undocumented(mod, "m.py") == ["m.py:1 f", "m.py:12 C.m"]
+
+
+def test_production_code_carries_no_test_hooks() -> None:
+    """Tests inject behaviour through fixtures and test-only launchers, never through shipped code."""
+    offenders = [
+        str(p.relative_to(ROOT))
+        for package in ("node", "pipelines", "library", "training")
+        for p in sorted((ROOT / package).rglob("*.py"))
+        if "LOCUS_TEST_" in p.read_text(encoding="utf-8") or any(n.split(".")[0] == "tests" for n in _imports(p))
+    ]
+    assert offenders == []
