@@ -153,13 +153,6 @@ class DicomSettings(_Section):
             raise ValueError("dicom.plain_port_enabled = false needs dicom.tls_port")
         return self
 
-    def caller_allowed(self, ae_title: str, host: str | None) -> bool:
-        """Whether an association from ``ae_title`` at ``host`` may be accepted."""
-        if not self.allowed_callers:
-            return True
-        title = ae_title.strip()
-        return any(c.ae_title == title and (c.host is None or c.host == host) for c in self.allowed_callers)
-
 
 class StorageSettings(_Section):
     """Where received and produced files live, and when to stop accepting data."""

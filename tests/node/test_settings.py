@@ -143,17 +143,6 @@ def test_configuration_errors_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_
         LocusSettings.load()
 
 
-def test_caller_allow_list() -> None:
-    open_node = LocusSettings.load()
-    assert open_node.dicom.caller_allowed("ANYONE", "192.0.2.1")  # empty list = accept any
-    s = LocusSettings.load(dicom={"allowed_callers": [{"ae_title": "PACS", "host": "10.0.0.5"}, {"ae_title": "MOD1"}]})
-    assert s.dicom.caller_allowed("PACS", "10.0.0.5")
-    assert s.dicom.caller_allowed("PACS ", "10.0.0.5")  # trailing padding is not significant
-    assert not s.dicom.caller_allowed("PACS", "10.0.0.6")  # right AE, wrong host
-    assert s.dicom.caller_allowed("MOD1", "203.0.113.7")  # no host pin
-    assert not s.dicom.caller_allowed("EVIL", "10.0.0.5")
-
-
 def test_export_backoff_is_bounded() -> None:
     export = LocusSettings.load(export={"max_attempts": 4, "backoff_base_s": 10, "backoff_cap_s": 25}).export
     now = datetime(2026, 1, 1, tzinfo=UTC)
