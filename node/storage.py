@@ -39,27 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
-from pipelines.errors import InputError
+from pipelines.dicom import uid as _uid
+from pipelines.dicom.uid import InvalidUidError as InvalidUidError  # raised by validate_uid, re-exported
 
 if TYPE_CHECKING:
     from node.settings import StorageSettings
 
 LOGGER = logging.getLogger(__name__)
 
-#: PS3.5 §9.1: components of digits separated by single periods. Leading zeros are
-#: tolerated (real devices emit them); anything else (empty, spaces, '/', '..') is not.
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-UID_MAX_LENGTH = 64
 
 _SUFFIX = ".dcm"
 _PARTIAL_SUFFIX = ".part"
 _COPY_CHUNK = 1 << 20
-
-
-class InvalidUidError(InputError):
-    """A UID that may not be used as a spool path component."""
-
-    code = "invalid_uid"
 
 
 class SpoolFullError(OSError):
@@ -71,26 +62,13 @@ class SpoolFullError(OSError):
 
 
 def is_valid_uid(value: object) -> bool:
-    """True if ``value`` is a syntactically valid UID (PS3.5 §9.1), ≤ 64 characters."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= UID_MAX_LENGTH
-        and UID_PATTERN.fullmatch(value) is not None
-    )
+    """Whether a received UID may be filed (:func:`pipelines.dicom.uid.is_valid_uid`, leading zeros allowed)."""
+    return _uid.is_valid_uid(value, allow_leading_zeros=True)
 
 
 def validate_uid(value: object, what: str) -> str:
-    """Return ``value`` if it is a valid UID, else raise :class:`InvalidUidError`.
-
-    ``what`` names the attribute (e.g. ``"SOPInstanceUID"``) for the error reason.
-    """
-    if not is_valid_uid(value):
-        shown = repr(value)[:80]
-        raise InvalidUidError(
-            f"{what} {shown} is not a valid DICOM UID (digits and periods, at most "
-            f"{UID_MAX_LENGTH} characters, PS3.5 §9.1)",
-        )
-    return str(value)
+    """A received UID checked as by :func:`is_valid_uid`, else :class:`InvalidUidError` naming ``what``."""
+    return _uid.validate_uid(value, what, allow_leading_zeros=True)
 
 
 _VARIANT = re.compile(r"^[0-9a-f]{1,64}$")
