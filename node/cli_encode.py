@@ -10,7 +10,7 @@ The CT series is the one with the most slices among the CT image series found un
 (a PET is not needed); which one was used is printed.
 
 PATH may instead be one CT volume as NIfTI (``.nii``/``.nii.gz``, e.g. a CT-RATE volume),
-read with SimpleITK as the published HLIP loader does (hlip-compat.md §9): values become HU
+read with SimpleITK as the published HLIP loader does (HLIP, arXiv 2505.21862): values become HU
 as ``stored × slope + intercept`` with ``--rescale SLOPE INTERCEPT`` (CT-RATE's metadata
 ``RescaleSlope``/``RescaleIntercept``; default: the values are already HU, after NIfTI's own
 ``scl_slope``/``scl_inter``), and the voxel spacing comes from ``--xy-spacing``/``--z-spacing``

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 EXTRA_COLUMNS = ("locus_lesion_id", "locus_label", "locus_site_id", "locus_status")
-COARSE_LABELS_TOPK = 3  # HCL-AL's coarse.topk default (hcl-al-compat.md §9)
+COARSE_LABELS_TOPK = 3  # HCL-AL's coarse.topk default (HCL-AL, Gao et al. 2025)
 
 
 class ExportError(InputError):

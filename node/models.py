@@ -13,7 +13,7 @@ localizer's candidate-text features are kept in a verified on-disk cache
 (``models.text_cache_dir``, :mod:`pipelines.models.text_cache`), so a restart does not
 re-encode them.
 
-``models.study_encoder_checkpoint`` names an HLIP checkpoint (hlip-compat.md §8) and
+``models.study_encoder_checkpoint`` names an HLIP checkpoint (HLIP, arXiv 2505.21862) and
 ``models.study_encoder_text_dir`` the local BERT directory its text tower is built from;
 unset checkpoint means no study embedding (the result carries no encoding, nothing is
 flagged as failed).  Both are resolved against ``models.dir`` when relative.

@@ -11,7 +11,7 @@ single-box install needs no other service.  Production swaps in PostgreSQL and R
 URL.  Everything is documented in ``deploy/config/locus.example.env`` and
 ``deploy/config/locus.example.toml``.
 
-Library code never sees this object: the node passes plain values on (style.md §3.7).
+Library code never sees this object: the node passes plain values on (docs/design.md D3).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class DicomSettings(_Section):
     # Reject associations addressed to another AE title; false = answer to any called
     # title (a node reached under several titles through a router).
     require_called_ae_title: bool = True
-    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (dicom-guide.md §7.1)
+    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (PS3.8 §9.3.2.2, Annex D.1)
     max_associations: int = Field(default=8, ge=1)  # per listener process
     # Listener processes behind the port: pynetdicom is CPU-bound under the GIL, so
     # several parallel associations need several processes to use several cores. The
@@ -163,7 +163,7 @@ class StorageSettings(_Section):
     spool_dir: Path = None  # type: ignore[assignment]  # default <data_dir>/spool; relative = under data_dir
     reports_dir: Path = None  # type: ignore[assignment]  # default <data_dir>/reports; relative = under data_dir
     # Refuse new associations when the spool filesystem is fuller than this (MIG refuses
-    # above 75 %, mercure cleans at 90 %; peers.md F7) or has less than min_free_bytes.
+    # above 75 %, mercure cleans at 90 %; docs/design.md F7) or has less than min_free_bytes.
     disk_watermark_percent: float = Field(default=90.0, gt=0, le=100)
     min_free_bytes: int = Field(default=2 * 1024**3, ge=0)
 
@@ -280,7 +280,7 @@ class ExportDestination(_Section):
 
 
 class ExportSettings(_Section):
-    """Where reports go and how failed sends are retried (bounded; peers.md F5/F6)."""
+    """Where reports go and how failed sends are retried (bounded; docs/design.md F5, F6)."""
 
     destinations: list[ExportDestination] = Field(default_factory=list)
     # Also send each report back to the AE that sent the study, at the port listed for
@@ -330,7 +330,7 @@ class ModelsSettings(_Section):
     dir: Path | None = None  # base directory for relative checkpoint paths
     localizer_id: str | None = None  # registry model_id of the HCL-AL-compatible localizer
     localizer_checkpoint: Path | None = None
-    # HLIP-compatible study encoder (hlip-compat.md): unset checkpoint = no study embedding.
+    # HLIP-compatible study encoder (HLIP, arXiv 2505.21862): unset checkpoint = no study embedding.
     study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<visual weights hash[:12]>"
     study_encoder_checkpoint: Path | None = None  # .pt (training dict / state dict) or .safetensors
     study_encoder_sha256: str = ""  # pin: refuse a checkpoint whose sha256 differs ("" = record only)
@@ -359,7 +359,7 @@ class AnalysisSettings(_Section):
     """How lesions are defined from a SEG, and how a worker holds a claimed analysis."""
 
     # "segments": one lesion per SEG segment; "components": each segment split into
-    # connected components (autoPET-style single "tumor" segment; dicom-guide.md §4).
+    # connected components (autoPET-style single "tumor" segment; PS3.3 §C.8.20).
     lesion_mode: Literal["segments", "components"] = "segments"
     # Organisation UID root (PS3.5 §9.1, e.g. "1.2.826.0.1.3680043.10.999") for the SR
     # series and instance UIDs this node creates; None = "2.25." UUID-derived UIDs

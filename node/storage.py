@@ -7,7 +7,7 @@ rule, and so another backend can be swapped in later without touching either sid
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. The three
 UIDs are validated (PS3.5 §9.1 character repertoire, at most 64 characters) *before* they
 are used in a path, so a hostile or broken sender cannot write outside the spool (the
-qrscp counter-example in style.md §2).
+path-traversal lesson of the DCMTK qrscp example).
 
 Durability (the listener answers Success only after this returns): the bytes go to a
 temporary file in the target directory (same filesystem), which is flushed and
@@ -93,7 +93,7 @@ def relpath_for(study_uid: str, series_uid: str, sop_uid: str, variant: str | No
 
 @dataclass(frozen=True)
 class Watermark:
-    """Free-space floor for the spool filesystem (peers.md F7: disk full).
+    """Free-space floor for the spool filesystem (docs/design.md F7: disk full).
 
     A write is refused when, after it, fewer than ``min_free_bytes`` would be free or
     the free fraction would fall below ``min_free_fraction``. Both 0 disables the check.

@@ -178,7 +178,7 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
             result.flags.append(Flag("no_lesions", "the SEG objects hold no non-empty segment"))
 
     if opts.localizer is not None and result.lesions and ct is None:
-        # The localizer's first input channel is CT (hcl-al-compat.md §2): say that, not "no localizer".
+        # The localizer's first input channel is CT (HCL-AL, Gao et al. 2025): say that, not "no localizer".
         why = "the study has no CT, which the anatomical localizer needs (its first input channel)"
         result.flags.append(Flag("location_not_assessed", f"lesions not localized: {why}"))
         result.lesions = [replace(les, flags=(*les.flags, Flag("location_no_ct", f"not localized: {why}")))

@@ -1,4 +1,4 @@
-"""The dependency direction is the architecture (style.md section 5); this keeps it true.
+"""The dependency direction is the architecture (docs/design.md D1); this keeps it true.
 
 library   -> nothing of ours (no torch, no DICOM I/O)
 pipelines -> library (no Celery, SQLAlchemy, settings, network)
@@ -9,6 +9,7 @@ training  -> pipelines, library (never node)
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -109,5 +110,20 @@ def test_production_code_carries_no_test_hooks() -> None:
         for package in ("node", "pipelines", "library", "training")
         for p in sorted((ROOT / package).rglob("*.py"))
         if "LOCUS_TEST_" in p.read_text(encoding="utf-8") or any(n.split(".")[0] == "tests" for n in _imports(p))
+    ]
+    assert offenders == []
+
+
+NOTES_OUTSIDE_THE_REPOSITORY = re.compile(r"\b(peers|dicom-guide|style|[a-z0-9-]+-compat)\.md\b")
+
+
+def test_code_cites_the_standard_or_papers_not_outside_notes() -> None:
+    """Comments and docstrings cite PS3.x, the public papers or docs/ - never design notes outside the repository."""
+    offenders = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for package in ("node", "pipelines", "library", "training", "tests")
+        for p in sorted((ROOT / package).rglob("*.py"))
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if NOTES_OUTSIDE_THE_REPOSITORY.search(line) and p != Path(__file__).resolve()
     ]
     assert offenders == []

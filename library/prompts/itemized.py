@@ -1,4 +1,4 @@
-"""Positive-only prompt sets for ItemizedCLIP (itemizedclip-compat.md §5), as versioned data.
+"""Positive-only prompt sets for ItemizedCLIP (arXiv 2512.11141), as versioned data.
 
 ItemizedCLIP scores each finding with **one** positive prompt: no "No X" partner, no softmax.
 The published chest-CT protocol is ``"findings consistent with " + name.lower()`` where

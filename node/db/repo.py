@@ -11,7 +11,7 @@ the functions live in small modules by concern:
 
 Callers own the transaction (``with database.session() as s: ...``): each function
 changes state *and* writes the audit event describing the change in that same
-transaction, so both commit or neither does (style.md §3.14).  Functions never commit.
+transaction, so both commit or neither does (docs/design.md D4).  Functions never commit.
 
 Concurrency: the listener records instances from several association threads, the
 completion sweep may run in more than one process, and Celery may deliver a task twice.

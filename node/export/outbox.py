@@ -8,7 +8,7 @@ same place at once), each is sent with :func:`node.export.scu.send_instance`, an
 * delivered (0x0000 or a storage warning) → ``done``;
 * transient failure (no connection, rejected/aborted association, no response, peer out
   of resources) → ``pending`` again after ``base · 2^(attempts-1)`` seconds, capped; after
-  ``max_attempts`` → ``failed`` with the peer's status or error (peers.md F5/F6: bounded,
+  ``max_attempts`` → ``failed`` with the peer's status or error (docs/design.md F5, F6: bounded,
   never a retry storm);
 * permanent failure (peer refuses the object with a failure status, accepts no context,
   the destination is unknown, the SR file is missing) → ``failed`` at once.

@@ -3,7 +3,7 @@
 Only the presentation contexts the object needs are proposed — its SOP class with its
 own transfer syntax, plus Explicit/Implicit VR Little Endian when the object is
 uncompressed — because strict PACS reject associations that propose every storage class
-(peers.md F8). Outcomes (PS3.4 Annex B.2.3, PS3.7 Annex C; dicom-guide.md §7.6):
+(docs/design.md F8). Outcomes (PS3.4 Annex B.2.3, PS3.7 Annex C):
 
 * 0x0000 and the warnings 0xB000, 0xB006, 0xB007: delivered → :class:`SendResult`.
 * No connection, association rejected or aborted, no response, or a peer status of

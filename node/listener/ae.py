@@ -1,10 +1,10 @@
 """Build the listener's Application Entity and decide who may associate with it.
 
-Presentation contexts (dicom-guide.md §7.1, P6): every storage SOP class in pynetdicom's
+Presentation contexts (PS3.8 §9.3.2.2): every storage SOP class in pynetdicom's
 ``AllStoragePresentationContexts`` (170, which unlike ``StoragePresentationContexts``
 includes Label Map Segmentation Storage 1.2.840.10008.5.1.4.1.1.66.7) plus Verification.
 Each accepts the uncompressed transfer syntaxes and the common compressed ones
-(peers.md F8: senders that offer only JPEG-LS / JPEG 2000 / JPEG lossless must not be
+(docs/design.md F8: senders that offer only JPEG-LS / JPEG 2000 / JPEG lossless must not be
 refused). Objects are stored as received, so no codec is needed to accept them.
 
 Who may connect (PS3.8 §7.1.1.3 A-ASSOCIATE-RJ): the called AE title must be ours
@@ -273,7 +273,7 @@ def build_ae(
     maximum_pdu_size: int = 0,
     transfer_syntaxes: Iterable[str] = ACCEPTED_TRANSFER_SYNTAXES,
 ) -> AE:
-    """The listener's AE with every storage context and Verification (dicom-guide.md §7.1).
+    """The listener's AE with every storage context and Verification (PS3.8 §9.3.2.2, Annex D.1).
 
     ``maximum_pdu_size=0`` (unlimited) roughly halves receive time versus pynetdicom's
     16382 default (§7.3). Calling/called AE checks and the association limit are done

@@ -1,8 +1,8 @@
 """C-STORE and C-ECHO handlers: store durably, index, answer. Nothing else.
 
 pynetdicom runs a handler on the association's thread and the sender waits until it
-returns (dicom-guide.md §7.2), so the C-STORE handler only validates, writes and indexes;
-analysis is triggered elsewhere from the database (style.md lesson 2).
+returns (PS3.4 Annex B), so the C-STORE handler only validates, writes and indexes;
+analysis is triggered elsewhere from the database (docs/design.md D2).
 
 Order of operations for one C-STORE, and the answer at each failure (status.py):
 

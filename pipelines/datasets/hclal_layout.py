@@ -1,4 +1,4 @@
-"""HCL-AL's on-disk dataset layout: per-study NIfTI images and the CSV files (hcl-al-compat.md §2, §3, §11).
+"""HCL-AL's on-disk dataset layout: per-study NIfTI images and the CSV files (HCL-AL, Gao et al. 2025).
 
 Plain values in and out (:class:`~pipelines.dicom.volume.Volume`, dicts, :class:`Box`); no database,
 so the node writes this layout and ``training`` reads it without either knowing the other.
@@ -7,7 +7,7 @@ Per study folder (the folder name is HCL-AL's study key: its evaluation groups r
 ``basename(dirname(image_path))``):
 
 =================  ========  =================================================================
-file               channel   content (hcl-al-compat.md §2)
+file               channel   content (HCL-AL, Gao et al. 2025)
 =================  ========  =================================================================
 ``CT.nii.gz``      0         CT in HU on the CT's original grid (column ``image_path``)
 ``SUV.nii.gz``     1         PET as SUVbw on the PET grid (column ``image_path1``)
@@ -194,7 +194,7 @@ def voxel_box(affine: np.ndarray, index_min_ijk: Sequence[float], index_max_ijk:
     """Axis-aligned LPS box of the voxels from ``index_min`` to ``index_max`` (voxel edges).
 
     The same convention as the analysis's lesion boxes (pipelines.dicom.measure), i.e.
-    HCL-AL's corrected box (bugs B1/B2 of hcl-al-compat.md §14 not reproduced).
+    HCL-AL's corrected box (two box bugs of the HCL-AL reference code not reproduced).
     """
     box = bounding_box_mm(np.asarray(affine), np.asarray(index_min_ijk), np.asarray(index_max_ijk))
     return Box(box.center_mm, box.size_mm)

@@ -7,7 +7,7 @@ the SUV channel and of the measurements): each lesion is its SEG segment (or 26-
 component) placed on that grid with :func:`pipelines.dicom.seg.map_region`, the mapping the
 measurement used, so a lesion's voxel count in the mask equals its measured voxel count.
 
-A voxel can hold one label only (HCL-AL's multi-label mask, hcl-al-compat.md §2): where SEG
+A voxel can hold one label only (HCL-AL's multi-label mask; Gao et al. 2025): where SEG
 segments overlap, the lesion listed first keeps the voxel and the overlap is reported.
 """
 
@@ -48,7 +48,7 @@ def rebuild_study(items: Sequence[str | Path | Dataset], *, tilt: Literal["refus
     """Rebuild the analysis inputs of one study (raises :class:`InputError` with a code).
 
     ``require``: the SUV kind the PET must convert to (HCL-AL's SUV channel is SUVbw,
-    hcl-al-compat.md §2); a study that only yields Bq/mL is refused (``suv_unavailable``)
+    HCL-AL, Gao et al. 2025); a study that only yields Bq/mL is refused (``suv_unavailable``)
     rather than written as if it were SUV.  ``None`` accepts the analysis's fallback.
     """
     inv = take_inventory(items)

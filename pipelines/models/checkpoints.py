@@ -1,6 +1,6 @@
 """Safe loading of HCL-AL ``params.pth`` checkpoints (plain and "uAI_model" encrypted).
 
-HCL-AL (``md_clip3d``) saves one ``torch.save`` dict per stage (hcl-al-compat.md §12):
+HCL-AL (``md_clip3d``) saves one ``torch.save`` dict per stage (HCL-AL, Gao et al. 2025):
 ``net`` (architecture name), ``state_dict`` (DataParallel, ``module.`` prefix), and the
 preprocessing the network was trained with: ``spacing``, ``crop_size``,
 ``crop_normalizers``, ``interpolation``, ``input_channel``, ``lesion_idx``, ``max_stride``,

@@ -1,6 +1,6 @@
 """Registry of model weights, pinned by hash, with the preprocessing they were trained with.
 
-Every result Locus writes names the exact files that produced it (style.md lesson 8): a
+Every result Locus writes names the exact files that produced it (docs/design.md D5): a
 :class:`LocalizerSpec` holds the path and SHA-256 of both HCL-AL checkpoints and of the
 vocabulary/description JSON pair, the architecture names, the preprocessing read from each
 checkpoint and Locus's implementation version.  :meth:`LocalizerSpec.model_info` condenses

@@ -1,6 +1,6 @@
 """OpenAI-CLIP text towers built from open_clip, and the tokenizer that feeds them.
 
-HCL-AL's ``TextEncoder`` is the OpenAI CLIP ViT-B/32 text transformer (hcl-al-compat.md §7):
+HCL-AL's ``TextEncoder`` is the OpenAI CLIP ViT-B/32 text transformer (HCL-AL, Gao et al. 2025):
 causal mask, QuickGELU, LayerNorm in fp32, EOT pooling by ``argmax`` of the token ids, and
 ``text_projection`` as a bare ``(width, embed_dim)`` matrix.  open_clip's
 :class:`~open_clip.transformer.TextTransformer` with ``act_layer=QuickGELU``,

@@ -1,4 +1,4 @@
-"""Validators every written DICOM object goes through in tests (dicom-guide.md section 8)."""
+"""Validators every written DICOM object goes through in tests (PS3.3 IOD rules checked by dciodvfy and highdicom)."""
 
 from __future__ import annotations
 

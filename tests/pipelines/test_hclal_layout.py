@@ -1,6 +1,6 @@
 """HCL-AL dataset layout: NIfTI orientation (LPS <-> RAS), CSV columns and ground-truth mapping.
 
-hcl-al-compat.md §2 (channels), §3 (LPS world mm), §11 (CSV columns, box convention).
+HCL-AL (Gao et al. 2025): input channels, LPS world mm, CSV columns and box convention.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Localizer evaluation with HCL-AL's protocol, plus the breakdowns HCL-AL does not report.
 
-Protocol (hcl-al-compat.md §11, HCL-AL ``evaluate.py``): per study, predictions are matched
+Protocol (HCL-AL, Gao et al. 2025; reference ``evaluate.py``): per study, predictions are matched
 to ground-truth boxes by 3-D IoU > 0.5 (greedy, highest IoU first, one-to-one); a
 ground-truth lesion is correct when the matched prediction's ``pred`` is in its set of
 acceptable final strings (multi-label GT, HCL-AL's comma-separated ``GT`` column).  An

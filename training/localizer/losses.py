@@ -1,6 +1,6 @@
 """HCL-AL's ``SkipTopNClip`` contrastive loss, full batch, with multi-positive targets.
 
-Reference behaviour (hcl-al-compat.md §15, T4 kept): logits ``s·img·txtᵀ``; per row a
+Reference behaviour (HCL-AL, Gao et al. 2025 T4 kept): logits ``s·img·txtᵀ``; per row a
 log-softmax over *all* columns; smoothed targets 0.9 on the ground-truth column and
 ``0.1/(C-1)`` elsewhere, except that the ``skip_num`` highest-scoring non-GT columns get
 target 0 (semi-hard negative mining: the hardest negatives leave the target sum but stay in

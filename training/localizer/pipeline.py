@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 #: The demo phantom's own seed (``node/demo_study``); never used for training or calibration.
 DEMO_STUDY_SEED = 7
-#: The two files of an HCL-AL release besides the stage checkpoints (hcl-al-compat.md §12).
+#: The two files of an HCL-AL release besides the stage checkpoints (HCL-AL, Gao et al. 2025).
 VOCABULARY_FILES = ("anatomy_vocabulary_library.json", "augmented_location_descriptions.json")
 #: How a dataset directory is divided: by study-id hash 80/10/10, or every study for training.
 DATASET_SPLITS = ("hash", "all")

@@ -1,4 +1,4 @@
-"""Seeded, resumable contrastive training of one localizer stage (hcl-al-compat.md §15).
+"""Seeded, resumable contrastive training of one localizer stage (HCL-AL, Gao et al. 2025).
 
 The network is :class:`pipelines.models.localizer.network.HclalClipNet` itself (published
 module names), so what is trained is exactly what inference loads.  Per step: a sampler

@@ -8,7 +8,7 @@ Objects written (Explicit VR Little Endian, one file per instance, PS3.10):
   START, Corrected Image including ATTN and DECY, uint16 stored values with a per-slice
   Rescale Slope (as GE scanners write them), Radiopharmaceutical Information Sequence
   for F-18 FDG (half-life 6586.2 s), Patient Weight, Series and Acquisition Time.  The
-  headers are built so that the QIBA vendor-neutral SUVbw (dicom-guide.md section 5:
+  headers are built so that the QIBA vendor-neutral SUVbw (PS3.3 §C.8.9.1 and the QIBA FDG-PET/CT profile:
   reference time = Series Time because it precedes every Acquisition Time) reproduces
   the phantom's SUV exactly up to the 16-bit quantisation:
   ``SUVbw = (stored * slope) * weight_g / (dose * 2^(-(series - injection) / T1/2))``.

@@ -1,6 +1,6 @@
 """Worker-facing ItemizedCLIP API: every finding's score, embedding and map from one visual forward.
 
-Per study (itemizedclip-compat.md §5, §6):
+Per study (ItemizedCLIP, arXiv 2512.11141):
 
 * the prompt set's texts are encoded **once** when the encoder is built (``t_k`` raw
   ``text.proj`` outputs, normalised inside :func:`~.model.item_head`);

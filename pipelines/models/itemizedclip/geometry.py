@@ -1,6 +1,6 @@
 """Where a token of the HLIP grid lies in the patient (LPS), through the preprocessing's own geometry.
 
-Token order (itemizedclip-compat.md §2): token ``i = d·(h_n·w_n) + h·w_n + w`` with ``(d, h, w)``
+Token order (ItemizedCLIP, arXiv 2512.11141): token ``i = d·(h_n·w_n) + h·w_n + w`` with ``(d, h, w)``
 the patch-grid indices along the model input's axes 3, 4, 5 — ``[B, N, C, D, H, W]`` — which
 the chest preprocessing (:mod:`pipelines.models.study_encoder.preprocess`) fills as
 ``(z, y, x)`` of the canonical array (identity direction cosines, +x = patient left,

@@ -3,8 +3,8 @@
 What is shared with the HLIP study encoder (:mod:`pipelines.models.study_encoder`), not copied:
 
 * the visual trunk: the same timm-registered :class:`~pipelines.models.study_encoder.visual.HlipVisionTransformer`
-  (``vit_base_singlescan_h2_token2744``); ItemizedCLIP's only visual change (itemizedclip-compat.md
-  §2) is that the trunk returns the CLS **and every patch token** after the final norm, and
+  (``vit_base_singlescan_h2_token2744``); ItemizedCLIP's only visual change (arXiv 2512.11141)
+  is that the trunk returns the CLS **and every patch token** after the final norm, and
   open_clip's ``head`` (Dropout p=0, ``proj`` Linear 768→512 without bias) is applied to each of
   them.  :meth:`ItemizedCLIP.encode_image` does exactly that with the trunk's own
   ``forward_features``;

@@ -1,6 +1,6 @@
 """Fixed physical crops around a lesion, in the axis order the HCL-AL weights expect.
 
-The contract (hcl-al-compat.md §3–§4, reference ``image_crop`` and ``FixedNormalizer``):
+The contract (HCL-AL, Gao et al. 2025; reference ``image_crop`` and ``FixedNormalizer``):
 
 * Resampling happens in SimpleITK physical space (LPS mm) with ``ResampleImageFilter``,
   whatever the source grid or direction, each channel independently from its own grid.

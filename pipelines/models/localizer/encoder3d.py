@@ -1,6 +1,6 @@
 """3-D CNN image encoders of HCL-AL, with module names that load published weights strictly.
 
-Two families (hcl-al-compat.md §6):
+Two families (HCL-AL, Gao et al. 2025):
 
 * ``ResidualNet3D`` (net ``ClipText_ResidualNet``, the published coarse and fine models):
   ``in_block`` (3x3x3 conv 3→16 + BN + ReLU), then four ``DownBlock``s 16→32→64→128→256,

@@ -1,7 +1,7 @@
 """HCL-AL's coarse-to-fine decision rules, as pure functions of probabilities.
 
 Exact semantics of the reference ``predict_coarse`` / ``predict_fine``
-(hcl-al-compat.md §9), kept identical in both geometry modes because they define what the
+(HCL-AL, Gao et al. 2025), kept identical in both geometry modes because they define what the
 published weights' outputs mean:
 
 Coarse

@@ -1,6 +1,6 @@
 """Lesion boxes and the lesion-mask input channel, in reference and corrected form.
 
-The third input channel must show only the target lesion, binarised (hcl-al-compat.md §5).
+The third input channel must show only the target lesion, binarised (HCL-AL, Gao et al. 2025).
 The reference gets there indirectly and with several defects; ``hcl-al`` mode reproduces
 them so published outputs can be matched, ``corrected`` mode does the obvious thing.
 

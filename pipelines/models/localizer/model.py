@@ -1,6 +1,6 @@
 """The HCL-AL-compatible hierarchical localizer: load once, localize lesions in batches.
 
-Per model load (hcl-al-compat.md §12 recipe):
+Per model load (HCL-AL, Gao et al. 2025):
 
 1. read both checkpoints (plain or "uAI_model"), build the networks named by ``net`` and
    load them strictly on CPU, then move them to the requested device;

@@ -1,7 +1,7 @@
 """The HCL-AL ``ClipNet`` container: dispatch on ``state['net']`` and strict loading.
 
 The published state dict (after removing ``module.``) has exactly three groups
-(hcl-al-compat.md §12): ``image_encoder.*`` (100 keys for ResidualNet), ``text_encoder.*``
+(HCL-AL, Gao et al. 2025): ``image_encoder.*`` (100 keys for ResidualNet), ``text_encoder.*``
 (149 keys, OpenAI CLIP text tower) and the scalar ``logit_scale``; ``ClipText_Fc_BasicNet``
 adds ``text_fc.*``.  :class:`HclalClipNet` has those attribute names, so the whole dict
 loads with ``strict=True``: a renamed, missing or extra tensor is a :class:`ModelError`,

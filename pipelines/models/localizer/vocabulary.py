@@ -1,4 +1,4 @@
-"""The user-supplied HCL-AL vocabulary and description JSON pair (hcl-al-compat.md §10).
+"""The user-supplied HCL-AL vocabulary and description JSON pair (HCL-AL, Gao et al. 2025).
 
 * ``anatomy_vocabulary_library.json``: ``{region: {coarse_key: {fine_word: final_string}}}``;
   file order matters (it is the order of the coarse candidates and of each coarse key's
@@ -26,7 +26,7 @@ from typing import Any
 
 from pipelines.errors import ModelError
 
-#: Counts of the published pair (HCL-AL commit 886f71d), hcl-al-compat.md §10.
+#: Counts of the published pair (HCL-AL commit 886f71d; Gao et al. 2025).
 PUBLISHED_COUNTS = {
     "regions": 8,
     "coarse": 124,

@@ -1,6 +1,6 @@
 """Chest-CT preprocessing for the HLIP CT-RATE model, step for step as published.
 
-HLIP v1 (``data/ct_rate/process.py`` + ``zeroshot_ct_rate.py``, hlip-compat.md §9):
+HLIP v1 (``data/ct_rate/process.py`` + ``zeroshot_ct_rate.py``, HLIP, arXiv 2505.21862):
 
 1. HU (rescale already applied by :mod:`pipelines.dicom.series`), float32 array ``(z, y, x)``.
 2. Resample to (3, 1, 1) mm (z, y, x) with ``torch.nn.functional.interpolate`` trilinear

@@ -1,4 +1,4 @@
-"""HLIP hierarchical-attention 3D ViT trunk (arXiv 2505.21862; hlip-compat.md §3–§6).
+"""HLIP hierarchical-attention 3D ViT trunk (HLIP, arXiv 2505.21862).
 
 The trunk is a plain ViT-B whose blocks attend inside *windows* that change from block to
 block: a **slice** window is the ``h·w`` in-plane patches of one depth row of one scan, a

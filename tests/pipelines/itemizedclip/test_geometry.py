@@ -1,4 +1,4 @@
-"""Token order and the map → patient (LPS) round trip (itemizedclip-compat.md §2, §6).
+"""Token order and the map → patient (LPS) round trip (ItemizedCLIP, arXiv 2512.11141).
 
 A marker voxel at a known patient position goes through the real chest-CT preprocessing; the
 token that received it gets a synthetic map peak; the map, reshaped and placed by

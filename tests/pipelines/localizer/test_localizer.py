@@ -1,7 +1,7 @@
 """End to end: Locus's cached, batched localizer against the reference procedure.
 
 ``reference_procedure`` below is a straightforward transcription of the contract
-(hcl-al-compat.md §2–§5, §8, §9) for one lesion at a time: it re-reads both JSON files,
+(HCL-AL, Gao et al. 2025) for one lesion at a time: it re-reads both JSON files,
 rebuilds the tokenizer and re-encodes every candidate text per lesion, crops with
 ``ResampleImageFilter`` from a float32 centre, finds the lesion by 26-connected components
 and IoU, normalises, transposes to ``[x, y, z]``, and post-processes with the reference
