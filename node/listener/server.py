@@ -34,7 +34,7 @@ from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle
 from node.listener.index_writer import IndexWriter
 from node.listener.processes import resolve_listener_processes
 from node.listener.tls import TlsAcceptor, server_context
-from node.listener.transport import LocusRequestHandler, SharedSyntaxContext
+from node.listener.transport import LocusRequestHandler, SharedSyntaxContext, check_pynetdicom_version
 from node.storage import Spool
 
 if TYPE_CHECKING:
@@ -247,6 +247,7 @@ def _serve(
 ) -> _LocusServer:
     """What ``AE.start_server(block=False)`` does, with Locus's receive path
     (node.listener.transport), its hand-off to listener processes and its TLS."""
+    check_pynetdicom_version(cfg.event_driven)
     server = cast(_LocusServer, ae.make_server(
         (cfg.host, port), evt_handlers=handlers, server_class=_LocusServer,
         request_handler=LocusRequestHandler,

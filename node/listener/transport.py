@@ -54,6 +54,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+import pynetdicom
 from pynetdicom import evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -69,6 +70,25 @@ from pynetdicom.utils import make_target
 
 if TYPE_CHECKING:
     import socket
+
+#: The pynetdicom release the event-driven overrides below were written and tested against.
+TESTED_PYNETDICOM = "3.0.4"
+
+
+def check_pynetdicom_version(event_driven: bool) -> None:
+    """Refuse the event-driven receive path on a pynetdicom it was not tested with.
+
+    The overrides reach into pynetdicom's private API; after an upgrade the listener must
+    not run them unreviewed. ``dicom.event_driven_associations = false`` runs pynetdicom's
+    own association loop instead (the listener test suite runs both ways).
+    """
+    if event_driven and pynetdicom.__version__ != TESTED_PYNETDICOM:
+        raise RuntimeError(
+            f"the event-driven listener was tested with pynetdicom {TESTED_PYNETDICOM}, not "
+            f"{pynetdicom.__version__}: set dicom.event_driven_associations = false "
+            "(LOCUS_DICOM__EVENT_DRIVEN_ASSOCIATIONS=false) until it is reviewed"
+        )
+
 
 #: Longest a DUL loop waits for data or a queued primitive before it looks at its
 #: timers (ARTIM, PS3.8 §9.1.5) and kill flag again. pynetdicom's loop looks every 1 ms;
