@@ -187,7 +187,7 @@ class HclAlCrosswalkEntry:
 
 @dataclass(frozen=True)
 class HclAlCrosswalk:
-    """HCL-AL vocabulary tree (hcl-al-compat.md section 10) mapped onto Locus nodes."""
+    """HCL-AL vocabulary tree (Gao et al. 2025) mapped onto Locus nodes."""
 
     entries: tuple[HclAlCrosswalkEntry, ...]
     coarse_nodes: Mapping[str, str]  # HCL-AL coarse key -> Locus node id (large-lesion rule)

@@ -28,7 +28,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from library.anatomy import (
     ID_PATTERN,
@@ -81,8 +81,12 @@ class _CodeTables:
     """Index of pydicom's DICOM code dictionaries: (scheme, value) -> meanings, and CID members."""
 
     def __init__(self) -> None:
-        from pydicom.sr._cid_dict import cid_concepts
-        from pydicom.sr._concepts_dict import concepts
+        from pydicom.sr._cid_dict import cid_concepts as _cid_concepts
+        from pydicom.sr._concepts_dict import concepts as _concepts
+
+        # pydicom's generated tables are annotated loosely; their layout is fixed by its generator.
+        concepts = cast("dict[str, dict[str, dict[str, tuple[str, list[int]]]]]", _concepts)
+        cid_concepts: dict[int, dict[str, list[str]]] = _cid_concepts
 
         self.meanings: dict[tuple[str, str], set[str]] = {}
         for scheme, by_keyword in concepts.items():
@@ -261,7 +265,7 @@ def _check_hierarchy(nodes: dict[str, Site], where_of: dict[str, str], report: C
         current = node
         while current.parent is not None:
             if current.parent in path:
-                cycle = " -> ".join(path[path.index(current.parent):] + [current.parent])
+                cycle = " -> ".join([*path[path.index(current.parent):], current.parent])
                 report.add(where_of[node.id], f"hierarchy cycle {cycle}")
                 break
             nxt = nodes.get(current.parent)

@@ -1,4 +1,4 @@
-"""Import and export of HCL-AL's two-file anatomy knowledge format (hcl-al-compat.md section 10).
+"""Import and export of HCL-AL's two-file anatomy knowledge format (Gao et al. 2025).
 
 HCL-AL ships its vocabulary as two JSON files that a user puts beside the HCL-AL checkpoints
 (Locus does not redistribute them: the upstream repository has no licence):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from node.models import ModelHost, ModelCache, load_localizer, load_study_encoder, shipped_localizer_dir
+from node.models import ModelCache, ModelHost, load_localizer, load_study_encoder, shipped_localizer_dir
 from node.settings import LocusSettings
 from pipelines.analysis import AnalysisOptions
 
@@ -33,6 +33,7 @@ class ModelSource:
     detail: str
 
     def describe(self) -> str:
+        """One line for the analysis log and the SR's model notes: which role came from where."""
         return f"{self.role}: {self.detail}"
 
 

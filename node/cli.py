@@ -73,9 +73,11 @@ class LazyGroup(click.Group):
         return self._plugins
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command name: built-in, lazy (not imported until run) and ``locus.commands`` plugins."""
         return sorted(set(self.commands) | set(self.lazy_commands) | set(self.plugins()))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command by name, importing a lazy command or loading a plugin only when it is run."""
         if cmd_name in self.commands:
             return self.commands[cmd_name]
         if cmd_name in self.lazy_commands:
@@ -104,7 +106,7 @@ class LazyGroup(click.Group):
                     continue
                 text = command.get_short_help_str(limit)
             elif name in self.lazy_commands:
-                text = click.utils.make_default_short_help(self.lazy_commands[name][1], limit)
+                text = click.Command(name, help=self.lazy_commands[name][1]).get_short_help_str(limit)
             else:
                 ep = self.plugins()[name]
                 text = f"(plugin {ep.value}; `locus {name} --help`)"
@@ -155,6 +157,7 @@ _QUIET = {"analyse", "analyses", "results", "library", "exports", "echo", "db", 
 
 
 def settings_of(ctx: click.Context) -> LocusSettings:
+    """The settings the root command loaded, for subcommands (one load per invocation)."""
     from node.settings import LocusSettings
 
     return ctx.find_object(LocusSettings)  # type: ignore[return-value]
@@ -220,7 +223,7 @@ def analyse(ctx: click.Context, paths: tuple[Path, ...], lesion_mode: str | None
     Uses the configured models, or the shipped demo localizer when none is configured
     (the first lines on stderr say which).
     """
-    from node.analysis_options import offline_analysis_options, model_sources
+    from node.analysis_options import model_sources, offline_analysis_options
     from pipelines.analysis import analyse_study
     from pipelines.errors import LocusError
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import click
 from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
@@ -75,6 +75,7 @@ def send_study(paths: list[Path], port: int, called_ae: str, console: Console) -
     """C-STORE every file over one association, with a progress bar; returns failures."""
     ae = AE(ae_title=PACS_AE)
     for cx in AllStoragePresentationContexts[:120]:
+        assert cx.abstract_syntax is not None  # pynetdicom's storage contexts all name one
         ae.add_requested_context(cx.abstract_syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, max_pdu=0)
     if not assoc.is_established:
@@ -267,7 +268,7 @@ def fresh_copy(files: list[Path], out_root: Path) -> tuple[list[Path], str]:
 
 
 def _wait_for_report(ctx: object, study_uid: str, received: list[Path], timeout: float,
-                     console: Console) -> dict | None:  # type: ignore[type-arg]
+                     console: Console) -> dict | None:
     from node.db import repo
 
     deadline = time.monotonic() + timeout

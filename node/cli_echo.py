@@ -1,6 +1,6 @@
 """``locus echo AE@host:port``: DICOM Verification (C-ECHO, PS3.4 Annex A) against a peer.
 
-The first thing to run when "results never appear in the PACS" (peers.md F8): it shows
+The first thing to run when "results never appear in the PACS" (docs/design.md F8): it shows
 whether the peer is reachable and accepts our calling AE title.
 """
 

@@ -10,7 +10,7 @@ The CT series is the one with the most slices among the CT image series found un
 (a PET is not needed); which one was used is printed.
 
 PATH may instead be one CT volume as NIfTI (``.nii``/``.nii.gz``, e.g. a CT-RATE volume),
-read with SimpleITK as the published HLIP loader does (hlip-compat.md §9): values become HU
+read with SimpleITK as the published HLIP loader does (HLIP, arXiv 2505.21862): values become HU
 as ``stored × slope + intercept`` with ``--rescale SLOPE INTERCEPT`` (CT-RATE's metadata
 ``RescaleSlope``/``RescaleIntercept``; default: the values are already HU, after NIfTI's own
 ``scl_slope``/``scl_inter``), and the voxel spacing comes from ``--xy-spacing``/``--z-spacing``
@@ -23,19 +23,23 @@ import json
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from node.settings import LocusSettings
 
+if TYPE_CHECKING:  # imported lazily at run time: `locus --help` must not load numpy
+    from pipelines.dicom.volume import Volume
 
-def _ct_series(paths: tuple[Path, ...]) -> list:  # type: ignore[type-arg]
+
+def _ct_series(paths: tuple[Path, ...]) -> list:
     """Headers (no pixels) of the largest CT image series under ``paths``."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    series: dict[str, list] = defaultdict(list)  # type: ignore[type-arg]
+    series: dict[str, list] = defaultdict(list)
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
@@ -52,11 +56,12 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def is_nifti(path: Path) -> bool:
+    """Whether a path is a NIfTI file, which takes the CT-RATE loader path instead of DICOM."""
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def nifti_ct(path: Path, *, rescale: tuple[float, float] | None = None, xy_spacing: float | None = None,
-             z_spacing: float | None = None) -> tuple[object, list[str]]:  # fmt: skip
+             z_spacing: float | None = None) -> tuple[Volume, list[str]]:  # fmt: skip
     """A CT Volume (HU) from a NIfTI file, with the published loader's HU and spacing rules; plus notes.
 
     Why the options: CT-RATE volumes store raw values and carry the rescale and spacing in a
@@ -132,7 +137,7 @@ def encode_study(ctx: click.Context, paths: tuple[Path, ...], finding_id: str | 
             ct, notes = nifti_ct(niftis[0], rescale=rescale, xy_spacing=xy_spacing, z_spacing=z_spacing)
             for note in notes:  # before encoding, so a refusal that follows is explained
                 click.echo(note, err=True)
-            headers: list = []  # type: ignore[type-arg]
+            headers: list = []
             body_part = None
         else:
             if rescale is not None or xy_spacing is not None or z_spacing is not None:

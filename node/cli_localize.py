@@ -109,9 +109,10 @@ def _case_rows(localizer: Any, mode: str, images: Sequence[str], rows: list[dict
                 items.append((box, LesionQuery(box, mask, target_label=lab)))
         else:
             items = []
-            for lab in (float(v) for v in np.unique(mask_arr) if v != 0):
-                box = exact_box(mask, lab)
-                items.append((box, LesionQuery(box, mask, label=lab)))
+            for value in (float(v) for v in np.unique(mask_arr) if v != 0):
+                exact = exact_box(mask, value)
+                assert exact is not None  # the value occurs in the mask (np.unique)
+                items.append((exact, LesionQuery(exact, mask, label=value)))
         for box, query in items:
             row = {"class": "bbox", **rows[0]}
             row.update(zip(BOX_COLUMNS, (_fmt(v) for v in (*box.centre, *box.size))))
@@ -242,12 +243,12 @@ def localize(
             full["locus_model_id"] = res.model.model_id
             full["locus_model_sha256"] = res.model.sha256
         out_rows.append(full)
-    fields: list[str] = []
+    columns: list[str] = []
     for r in out_rows:
-        fields.extend(k for k in r if k not in fields)
-    fh = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")
+        columns.extend(k for k in r if k not in columns)
+    fh = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115  # stdout or a file; closed in finally
     try:
-        writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(out_rows)
     finally:

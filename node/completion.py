@@ -1,8 +1,8 @@
 """When is a study complete?  Rules evaluated by a periodic sweep.
 
 C-STORE has no end-of-study signal and a study may arrive over several associations
-(dicom-guide.md §7.2), so "complete" is inferred.  Declaring it too early makes the
-analysis see a partial series (peers.md F1); declaring it twice makes duplicate results
+(PS3.4 Annex B), so "complete" is inferred.  Declaring it too early makes the
+analysis see a partial series (docs/design.md F1); declaring it twice makes duplicate results
 (F2).  Locus uses what the data itself says before falling back to timers:
 
 1. ``reference_complete`` — a SEG has arrived, every image it references is present,
@@ -14,7 +14,7 @@ analysis see a partial series (peers.md F1); declaring it twice makes duplicate 
 3. ``quiet_timer`` — no new instance for ``study_quiet_s``.
 4. ``force_complete`` — ``force_complete_s`` after the first instance not yet in a
    version, even if instances keep trickling in (a cap, so a chatty sender cannot stall
-   the study forever; peers.md F3).
+   the study forever; docs/design.md F3).
 
 Rules 1 and 2 also require every other series of the study to be complete by the same
 series test, so a CT still streaming in does not get cut off because the PET finished

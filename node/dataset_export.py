@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 EXTRA_COLUMNS = ("locus_lesion_id", "locus_label", "locus_site_id", "locus_status")
-COARSE_LABELS_TOPK = 3  # HCL-AL's coarse.topk default (hcl-al-compat.md §9)
+COARSE_LABELS_TOPK = 3  # HCL-AL's coarse.topk default (HCL-AL, Gao et al. 2025)
 
 
 class ExportError(InputError):
@@ -83,6 +83,7 @@ class ExportError(InputError):
 
 @dataclass(frozen=True)
 class ExportOptions:
+    """What ``locus export-dataset`` writes: where, and which studies qualify."""
     out_dir: Path
     reviewed_only: bool = True
     since: dt.datetime | None = None
@@ -91,6 +92,7 @@ class ExportOptions:
 
 @dataclass
 class ExportSummary:
+    """What an export wrote, printed as JSON so scripts can check it."""
     out_dir: Path
     studies: list[str] = field(default_factory=list)
     lesions: int = 0
@@ -100,6 +102,7 @@ class ExportSummary:
     manifest_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The summary as JSON-ready values (paths as strings)."""
         return {
             "out_dir": str(self.out_dir),
             "studies": self.studies,
@@ -112,6 +115,7 @@ class ExportSummary:
 
 
 def select_studies(db: Database, options: ExportOptions) -> list[DatasetStudy]:
+    """The studies an export would write, chosen in one read-only transaction."""
     with db.session(readonly=True) as session:
         return dataset_studies(session, reviewed_only=options.reviewed_only, since=options.since)
 

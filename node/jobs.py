@@ -29,7 +29,6 @@ from node.db import repo
 from node.lease import LeaseKeeper
 from node.logging import log_context
 from node.storage import write_file_atomic
-from node.tasks.testhooks import pause_after_claim
 from pipelines.analysis import analyse_study
 from pipelines.errors import LocusError, TransientError
 
@@ -42,6 +41,7 @@ COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
 
 
 def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC (the database stores UTC)."""
     return dt.datetime.now(dt.UTC)
 
 
@@ -85,7 +85,6 @@ def run_analysis(ctx: WorkerContext, study_version_id: int) -> str:
         LeaseKeeper(ctx.db, study_version_id, owner, cfg.lease_s, cfg.lease_renew_s) as lease,
     ):
         try:
-            pause_after_claim(study_version_id)  # test hook (node.tasks.testhooks): inert unless its env var is set
             return _analyse_claimed(ctx, version, instances, previous, owner, lease)
         except repo.LeaseLost as exc:
             log.warning("result discarded: %s", exc)
@@ -190,7 +189,7 @@ def _analyse_claimed(
              report["sr_sop_uid"] if report else None, len(export_ids))  # fmt: skip
     try:
         _ring_exports(export_ids)
-    except Exception:  # noqa: BLE001 - stored already; the sweeper's periodic export pass sends them
+    except Exception:
         log.warning("could not ring the export queue; the next sweep will", exc_info=True)
     return "analysed"
 

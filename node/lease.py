@@ -45,7 +45,7 @@ class LeaseKeeper:
                     held = repo.renew_lease(
                         s, self.study_version_id, self.owner, dt.datetime.now(dt.UTC), self.lease_s
                     )
-            except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
+            except Exception:
                 log.warning("could not renew the lease of study version %s; retrying in %.0f s",
                             self.study_version_id, self.renew_s, exc_info=True)  # fmt: skip
                 continue

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("locus_log_context", default={})
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("locus_log_context", default={})  # noqa: B039  # never mutated: log_context sets a copy
 
 # Keywords whose values must never reach a log line (PS3.15 Annex E basic profile subset).
 PHI_KEYWORDS = frozenset(
@@ -40,7 +40,9 @@ def log_context(**ids: str | int | None) -> Iterator[None]:
 
 
 class ContextFilter(logging.Filter):
+    """Adds the current :func:`log_context` ids to each record, for both formatters."""
     def filter(self, record: logging.LogRecord) -> bool:
+        """Attach a copy of the context ids to the record; never drops it."""
         record.locus_context = dict(_context.get())
         return True
 
@@ -49,6 +51,7 @@ class PhiGuard(logging.Filter):
     """Redact arguments that look like PHI attributes (a pydicom DataElement of a PHI keyword)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact patient-identifying values from the record's arguments before formatting."""
         if isinstance(record.args, tuple):
             record.args = tuple(self._redact(a) for a in record.args)
         return True
@@ -66,6 +69,7 @@ class CredentialMask(logging.Filter):
     the database or broker URL it failed on): :func:`node.urls.mask_url`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Mask passwords in URLs in the formatted message."""
         try:
             message = record.getMessage()
         except Exception:  # a malformed record is logging's to report, not ours
@@ -88,7 +92,9 @@ class _AlembicChatter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON line with its context ids."""
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
@@ -102,7 +108,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """Human-readable lines with the context ids appended, for a terminal."""
     def format(self, record: logging.LogRecord) -> str:
+        """The usual line, then the context ids as ``key=value``."""
         base = super().format(record)
         ctx = getattr(record, "locus_context", {})
         if ctx:

@@ -13,7 +13,7 @@ localizer's candidate-text features are kept in a verified on-disk cache
 (``models.text_cache_dir``, :mod:`pipelines.models.text_cache`), so a restart does not
 re-encode them.
 
-``models.study_encoder_checkpoint`` names an HLIP checkpoint (hlip-compat.md §8) and
+``models.study_encoder_checkpoint`` names an HLIP checkpoint (HLIP, arXiv 2505.21862) and
 ``models.study_encoder_text_dir`` the local BERT directory its text tower is built from;
 unset checkpoint means no study embedding (the result carries no encoding, nothing is
 flagged as failed).  Both are resolved against ``models.dir`` when relative.
@@ -53,7 +53,8 @@ class ModelHost(Protocol):
 
     settings: LocusSettings
 
-    def model(self, key: str, loader: Any) -> Any: ...
+    def model(self, key: str, loader: Any) -> Any:
+        """The cached model for ``key``, built by ``loader()`` on first use."""
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ModelCache:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def model(self, key: str, loader: Any) -> Any:
+        """The model for ``key``, loading it once per process (weights are large; loads are slow)."""
         with self._lock:
             if key not in self._models:
                 self._models[key] = loader()
@@ -124,7 +126,7 @@ def load_localizer(ctx: ModelHost, progress: Callable[[str], None] | None = None
         path = Path(cfg.dir) / path
     cache_dir = text_cache_dir(ctx.settings)
     key = f"localizer:{path}:{cfg.localizer_id}"
-    return ctx.model(key, lambda: _load(path, cfg.localizer_id, _device(cfg.device), cache_dir, progress))  # type: ignore[no-any-return]
+    return ctx.model(key, lambda: _load(path, cfg.localizer_id, _device(cfg.device), cache_dir, progress))
 
 
 def study_encoder_config(settings: LocusSettings) -> StudyEncoderConfig | None:
@@ -162,7 +164,7 @@ def load_study_encoder(ctx: ModelHost) -> StudyEncoder | None:
 
         return StudyEncoder(config)
 
-    return ctx.model(f"study_encoder:{config!r}", build)  # type: ignore[no-any-return]
+    return ctx.model(f"study_encoder:{config!r}", build)
 
 
 def preload_models(ctx: ModelHost) -> list[str]:
@@ -177,7 +179,7 @@ def preload_models(ctx: ModelHost) -> list[str]:
         try:
             if loader(ctx) is not None:
                 ready.append(kind)
-        except Exception as exc:  # noqa: BLE001 - reported again, with its code, by the first analysis
+        except Exception as exc:
             log.warning("%s not loaded at worker start: %s: %s", kind, type(exc).__name__, exc)
     if ready:
         log.info("models ready at worker start: %s", ", ".join(ready))

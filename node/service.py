@@ -117,6 +117,7 @@ def reclaim_expired(ctx: WorkerContext, now: datetime.datetime) -> list[int]:
 
 @dataclass
 class RunningNode:
+    """A node started in this process (listener plus optional workers), so it can be stopped as one."""
     ctx: WorkerContext
     listener: ListenerServer
     stop_event: threading.Event = field(default_factory=threading.Event)
@@ -124,12 +125,13 @@ class RunningNode:
     worker: Any = None
 
     def stop(self) -> None:
+        """Stop the listener first (no new instances), then the workers."""
         self.stop_event.set()
         self.listener.shutdown()
         if self.worker is not None:
             try:
                 self.worker.stop(in_sighandler=False)
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:
                 log.debug("worker stop raised", exc_info=True)
         for t in self.threads:
             t.join(timeout=10)
@@ -154,7 +156,7 @@ def _sweeper(node: RunningNode) -> None:
             if failing is not None:
                 log.warning("sweep works again after %d failed attempts (%s)", repeats + 1, failing[0])
                 failing, repeats = None, 0
-        except Exception as exc:  # noqa: BLE001 - the sweeper must survive a bad moment (DB locked ...)
+        except Exception as exc:
             key = (type(exc).__name__, str(exc)[:300])
             if key != failing:  # a new error: its traceback, once
                 log.exception("sweep failed; retrying every %.1fs", interval)
@@ -186,6 +188,7 @@ def start_worker_thread(queues: list[str], concurrency: int = 1) -> tuple[Any, t
 
 
 def start_node(settings: LocusSettings, *, analysis_worker: bool = True, io_worker: bool = True) -> RunningNode:
+    """Start listener and workers in one process (``locus serve``, demo and tests)."""
     ctx = prepare(settings)
     listener = start_listener(settings, ctx.db, ctx.spool)
     node = RunningNode(ctx=ctx, listener=listener)

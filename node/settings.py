@@ -11,7 +11,7 @@ single-box install needs no other service.  Production swaps in PostgreSQL and R
 URL.  Everything is documented in ``deploy/config/locus.example.env`` and
 ``deploy/config/locus.example.toml``.
 
-Library code never sees this object: the node passes plain values on (style.md §3.7).
+Library code never sees this object: the node passes plain values on (docs/design.md D3).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class DicomSettings(_Section):
     # Reject associations addressed to another AE title; false = answer to any called
     # title (a node reached under several titles through a router).
     require_called_ae_title: bool = True
-    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (dicom-guide.md §7.1)
+    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (PS3.8 §9.3.2.2, Annex D.1)
     max_associations: int = Field(default=8, ge=1)  # per listener process
     # Listener processes behind the port: pynetdicom is CPU-bound under the GIL, so
     # several parallel associations need several processes to use several cores. The
@@ -156,13 +156,6 @@ class DicomSettings(_Section):
             raise ValueError("dicom.plain_port_enabled = false needs dicom.tls_port")
         return self
 
-    def caller_allowed(self, ae_title: str, host: str | None) -> bool:
-        """Whether an association from ``ae_title`` at ``host`` may be accepted."""
-        if not self.allowed_callers:
-            return True
-        title = ae_title.strip()
-        return any(c.ae_title == title and (c.host is None or c.host == host) for c in self.allowed_callers)
-
 
 class StorageSettings(_Section):
     """Where received and produced files live, and when to stop accepting data."""
@@ -173,7 +166,7 @@ class StorageSettings(_Section):
     spool_dir: Path = None  # type: ignore[assignment]  # default <data_dir>/spool; relative = under data_dir
     reports_dir: Path = None  # type: ignore[assignment]  # default <data_dir>/reports; relative = under data_dir
     # Refuse new associations when the spool filesystem is fuller than this (MIG refuses
-    # above 75 %, mercure cleans at 90 %; peers.md F7) or has less than min_free_bytes.
+    # above 75 %, mercure cleans at 90 %; docs/design.md F7) or has less than min_free_bytes.
     disk_watermark_percent: float = Field(default=90.0, gt=0, le=100)
     min_free_bytes: int = Field(default=2 * 1024**3, ge=0)
 
@@ -212,10 +205,12 @@ class DatabaseSettings(_Section):
 
     @property
     def is_sqlite(self) -> bool:
+        """Whether the database is SQLite (single-host defaults differ from PostgreSQL's)."""
         return self.url.startswith("sqlite")
 
     @property
     def should_auto_upgrade(self) -> bool:
+        """Whether processes migrate the schema on open: by default only SQLite's, which has no DBA."""
         return self.is_sqlite if self.auto_upgrade is None else self.auto_upgrade
 
 
@@ -306,7 +301,7 @@ class ExportDestination(_Section):
 
 
 class ExportSettings(_Section):
-    """Where reports go and how failed sends are retried (bounded; peers.md F5/F6)."""
+    """Where reports go and how failed sends are retried (bounded; docs/design.md F5, F6)."""
 
     destinations: list[ExportDestination] = Field(default_factory=list)
     # Also send each report back to the AE that sent the study, at the port listed for
@@ -333,6 +328,7 @@ class ExportSettings(_Section):
         return self
 
     def destination(self, name: str) -> ExportDestination:
+        """The destination named ``name``; KeyError naming it when none is configured."""
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -355,7 +351,7 @@ class ModelsSettings(_Section):
     dir: Path | None = None  # base directory for relative checkpoint paths
     localizer_id: str | None = None  # registry model_id of the HCL-AL-compatible localizer
     localizer_checkpoint: Path | None = None
-    # HLIP-compatible study encoder (hlip-compat.md): unset checkpoint = no study embedding.
+    # HLIP-compatible study encoder (HLIP, arXiv 2505.21862): unset checkpoint = no study embedding.
     study_encoder_id: str | None = None  # model id recorded with embeddings; default "hlip-<visual weights hash[:12]>"
     study_encoder_checkpoint: Path | None = None  # .pt (training dict / state dict) or .safetensors
     study_encoder_sha256: str = ""  # pin: refuse a checkpoint whose sha256 differs ("" = record only)
@@ -373,6 +369,7 @@ class ModelsSettings(_Section):
     text_cache_dir: Path | None = None
 
     def resolve(self, path: Path | None) -> Path | None:
+        """A model path made absolute against the models directory (``~`` expanded); None stays None."""
         if path is None:
             return None
         path = path.expanduser()
@@ -383,7 +380,7 @@ class AnalysisSettings(_Section):
     """How lesions are defined from a SEG, and how a worker holds a claimed analysis."""
 
     # "segments": one lesion per SEG segment; "components": each segment split into
-    # connected components (autoPET-style single "tumor" segment; dicom-guide.md §4).
+    # connected components (autoPET-style single "tumor" segment; PS3.3 §C.8.20).
     lesion_mode: Literal["segments", "components"] = "segments"
     # Organisation UID root (PS3.5 §9.1, e.g. "1.2.826.0.1.3680043.10.999") for the SR
     # series and instance UIDs this node creates; None = "2.25." UUID-derived UIDs
@@ -459,6 +456,7 @@ class LocusSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order the sources: init values, environment, ``$LOCUS_DATA_DIR``, then the TOML file."""
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _DataDirEnvSource(settings_cls)]
         path = _config_path.get()
         if path is None and os.environ.get("LOCUS_CONFIG"):
@@ -493,6 +491,7 @@ class LocusSettings(BaseSettings):
 
     @property
     def data_dir(self) -> Path:
+        """The node's data directory (spool, SQLite files), where relative paths resolve."""
         return self.storage.data_dir
 
 

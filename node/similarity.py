@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
 from node.db import Session
 from node.db import embedding_codes as codes
 from node.db import embedding_packs as packs
@@ -40,6 +41,7 @@ Strategy = Literal["codes", "full"]
 
 @dataclass(frozen=True)
 class SimilarStudy:
+    """One study found similar, with its cosine similarity to the query."""
     study_uid: str
     version: int
     similarity: float  # cosine, in [-1, 1]
@@ -47,6 +49,7 @@ class SimilarStudy:
 
 @dataclass(frozen=True)
 class SimilarityResult:
+    """The answer of a similarity query, with what was compared so it can be reproduced."""
     query_study_uid: str
     query_version: int
     model_id: str
@@ -204,14 +207,14 @@ def _scan_codes(session: Session, ref: q.StoredVector, query: np.ndarray, own_id
         survive = np.arange(n) if k > 0 else np.empty(0, np.int64)
     fetched = packs.fetch_vectors(session, np.unique(pack_of[survive]).tolist())
     scores = np.empty(survive.shape[0], np.float32)
-    for pack_id, chunk in fetched.items():
+    for pack_id, pack in fetched.items():
         sel = np.flatnonzero(pack_of[survive] == pack_id)
         at = pos[survive[sel]]
-        if at.size and (at.max() >= chunk.study_ids.shape[0] or
-                        not np.array_equal(chunk.study_ids[at], ids[survive[sel]]) or
-                        not np.array_equal(chunk.versions[at], versions[survive[sel]])):  # fmt: skip
+        if at.size and (at.max() >= pack.study_ids.shape[0] or
+                        not np.array_equal(pack.study_ids[at], ids[survive[sel]]) or
+                        not np.array_equal(pack.versions[at], versions[survive[sel]])):  # fmt: skip
             return None
-        exact = cosine(chunk.vectors, query)[at]
+        exact = cosine(pack.vectors, query)[at]
         if np.isnan(exact).any():  # a non-finite stored vector: let the full scan rank it, as it always has
             return None
         if not ((lo[survive[sel]] <= exact) & (exact <= hi[survive[sel]])).all():

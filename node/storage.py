@@ -7,7 +7,7 @@ rule, and so another backend can be swapped in later without touching either sid
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. The three
 UIDs are validated (PS3.5 §9.1 character repertoire, at most 64 characters) *before* they
 are used in a path, so a hostile or broken sender cannot write outside the spool (the
-qrscp counter-example in style.md §2).
+path-traversal lesson of the DCMTK qrscp example).
 
 Durability (the listener answers Success only after this returns): the bytes go to a
 temporary file in the target directory (same filesystem), which is flushed and
@@ -39,27 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
-from pipelines.errors import InputError
+from pipelines.dicom import uid as _uid
+from pipelines.dicom.uid import InvalidUidError as InvalidUidError  # raised by validate_uid, re-exported
 
 if TYPE_CHECKING:
     from node.settings import StorageSettings
 
 LOGGER = logging.getLogger(__name__)
 
-#: PS3.5 §9.1: components of digits separated by single periods. Leading zeros are
-#: tolerated (real devices emit them); anything else (empty, spaces, '/', '..') is not.
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-UID_MAX_LENGTH = 64
 
 _SUFFIX = ".dcm"
 _PARTIAL_SUFFIX = ".part"
 _COPY_CHUNK = 1 << 20
-
-
-class InvalidUidError(InputError):
-    """A UID that may not be used as a spool path component."""
-
-    code = "invalid_uid"
 
 
 class SpoolFullError(OSError):
@@ -71,26 +62,13 @@ class SpoolFullError(OSError):
 
 
 def is_valid_uid(value: object) -> bool:
-    """True if ``value`` is a syntactically valid UID (PS3.5 §9.1), ≤ 64 characters."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= UID_MAX_LENGTH
-        and UID_PATTERN.fullmatch(value) is not None
-    )
+    """Whether a received UID may be filed (:func:`pipelines.dicom.uid.is_valid_uid`, leading zeros allowed)."""
+    return _uid.is_valid_uid(value, allow_leading_zeros=True)
 
 
 def validate_uid(value: object, what: str) -> str:
-    """Return ``value`` if it is a valid UID, else raise :class:`InvalidUidError`.
-
-    ``what`` names the attribute (e.g. ``"SOPInstanceUID"``) for the error reason.
-    """
-    if not is_valid_uid(value):
-        shown = repr(value)[:80]
-        raise InvalidUidError(
-            f"{what} {shown} is not a valid DICOM UID (digits and periods, at most "
-            f"{UID_MAX_LENGTH} characters, PS3.5 §9.1)",
-        )
-    return str(value)
+    """A received UID checked as by :func:`is_valid_uid`, else :class:`InvalidUidError` naming ``what``."""
+    return _uid.validate_uid(value, what, allow_leading_zeros=True)
 
 
 _VARIANT = re.compile(r"^[0-9a-f]{1,64}$")
@@ -115,7 +93,7 @@ def relpath_for(study_uid: str, series_uid: str, sop_uid: str, variant: str | No
 
 @dataclass(frozen=True)
 class Watermark:
-    """Free-space floor for the spool filesystem (peers.md F7: disk full).
+    """Free-space floor for the spool filesystem (docs/design.md F7: disk full).
 
     A write is refused when, after it, fewer than ``min_free_bytes`` would be free or
     the free fraction would fall below ``min_free_fraction``. Both 0 disables the check.
@@ -171,15 +149,23 @@ class Spool(Protocol):
         """Make the directory entry of ``relpath`` durable (fsync its directory)."""
         ...
 
-    def exists(self, relpath: str) -> bool: ...
+    def exists(self, relpath: str) -> bool:
+        """Whether the file is stored (a resend is detected by this)."""
 
-    def open(self, relpath: str) -> BinaryIO: ...
+    def open(self, relpath: str) -> BinaryIO:
+        """Open a stored file for reading."""
 
-    def path(self, relpath: str) -> Path: ...
+    def path(self, relpath: str) -> Path:
+        """The filesystem path of a stored file (workers read it directly)."""
 
-    def space(self, incoming_bytes: int = 0) -> SpaceReport: ...
+    def space(self, incoming_bytes: int = 0) -> SpaceReport:
+        """Free space against the watermarks, counting ``incoming_bytes`` as already written."""
 
-    def free_space_ok(self, incoming_bytes: int = 0) -> bool: ...
+    def free_space_ok(self, incoming_bytes: int = 0) -> bool:
+        """Whether a store of ``incoming_bytes`` keeps the spool above its watermark."""
+
+    def remove(self, relpath: str) -> None:
+        """Delete one stored file (a refused instance's copy, retention); missing is not an error."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -292,13 +278,16 @@ class LocalSpool:
         return self.root.joinpath(*rel.parts)
 
     def exists(self, relpath: str) -> bool:
+        """Whether the file is stored (a resend is detected by this)."""
         return self.path(relpath).is_file()
 
     def open(self, relpath: str) -> BinaryIO:
+        """Open a stored file for reading."""
         return self.path(relpath).open("rb")
 
     # -- space -------------------------------------------------------------------------
     def space(self, incoming_bytes: int = 0) -> SpaceReport:
+        """Free space of the spool's filesystem against the watermarks."""
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         total = st.f_blocks * st.f_frsize
@@ -318,6 +307,7 @@ class LocalSpool:
         return SpaceReport(free, total, incoming_bytes, not reason, reason)
 
     def free_space_ok(self, incoming_bytes: int = 0) -> bool:
+        """Whether a store of ``incoming_bytes`` keeps the spool above its watermark."""
         return self.space(incoming_bytes).ok
 
     # -- writing -----------------------------------------------------------------------
@@ -346,6 +336,7 @@ class LocalSpool:
         sync_dir: bool = True,
         variant: str | None = None,
     ) -> str:
+        """Store one instance durably (see :meth:`Spool.put_atomic`): an instance is acknowledged only after this."""
         relpath = relpath_for(study_uid, series_uid, sop_uid, variant)
         target = self.path(relpath)
         if target.is_file():
@@ -384,6 +375,7 @@ class LocalSpool:
         return relpath
 
     def sync_parent(self, relpath: str) -> None:
+        """fsync the file's directory, so the rename survives a power loss."""
         if self.fsync:
             _fsync_dir(self.path(relpath).parent)
 

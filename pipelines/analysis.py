@@ -65,23 +65,28 @@ class LesionLocalizer(Protocol):
     """What the analysis needs from an anatomical localizer (see pipelines.models.localizer)."""
 
     @property
-    def models(self) -> Sequence[ModelInfo]: ...
+    def models(self) -> Sequence[ModelInfo]:
+        """The models whose outputs the SR names."""
 
     def localize_lesions(
         self, *, ct: Volume | None, suv: Volume, lesions: Sequence[Lesion], segs: Sequence[SegObject]
-    ) -> list[Localization | None]: ...
+    ) -> list[Localization | None]:
+        """One location per lesion (None where the model gives none), in the lesions' order."""
 
 
 class StudyEncoderLike(Protocol):
     """What the analysis needs from a study encoder (see pipelines.models.study_encoder.model)."""
 
     @property
-    def model_info(self) -> ModelInfo: ...
+    def model_info(self) -> ModelInfo:
+        """The model the SR names as the encoding's source."""
 
     @property
-    def last_timings(self) -> dict[str, float]: ...
+    def last_timings(self) -> dict[str, float]:
+        """Seconds per step of the last encoding, for the analysis log."""
 
-    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding: ...
+    def encode(self, ct: Volume, *, body_part_examined: str | None = None) -> StudyEncoding:
+        """The study-level encoding of a CT volume."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ def analyse_study(items: Sequence[str | Path | Dataset], options: AnalysisOption
             result.flags.append(Flag("no_lesions", "the SEG objects hold no non-empty segment"))
 
     if opts.localizer is not None and result.lesions and ct is None:
-        # The localizer's first input channel is CT (hcl-al-compat.md §2): say that, not "no localizer".
+        # The localizer's first input channel is CT (HCL-AL, Gao et al. 2025): say that, not "no localizer".
         why = "the study has no CT, which the anatomical localizer needs (its first input channel)"
         result.flags.append(Flag("location_not_assessed", f"lesions not localized: {why}"))
         result.lesions = [replace(les, flags=(*les.flags, Flag("location_no_ct", f"not localized: {why}")))

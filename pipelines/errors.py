@@ -28,6 +28,7 @@ class LocusError(Exception):
         return self.reason
 
     def to_json(self) -> dict[str, str]:
+        """The error as JSON, for CLI output and recorded reasons."""
         return {"error": type(self).__name__, "code": self.code, "reason": self.reason}
 
 

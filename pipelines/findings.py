@@ -44,10 +44,12 @@ class CodedValue:
     meaning: str
 
     def to_json(self) -> dict[str, str]:
+        """The code as JSON."""
         return {"value": self.value, "scheme": self.scheme, "meaning": self.meaning}
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> CodedValue:
+        """A code from its JSON form."""
         return cls(value=data["value"], scheme=data["scheme"], meaning=data["meaning"])
 
 
@@ -122,6 +124,7 @@ class SiteAssignment:
 
 @dataclass(frozen=True)
 class RankedLabel:
+    """One candidate label with its model score."""
     label: str
     score: float
 
@@ -178,6 +181,7 @@ class Lesion:
 
 @dataclass(frozen=True)
 class ZeroShotFinding:
+    """One study-level zero-shot finding with its score and, when calibrated, its decision."""
     finding: str
     score: float  # raw model score (probability of the positive prompt under the paired protocol)
     threshold: float | None
@@ -226,6 +230,7 @@ class AnalysisResult:
     sr_dataset: Any = None
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON (the SR dataset itself is left out)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name == "sr_dataset":

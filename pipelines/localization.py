@@ -14,7 +14,7 @@ import numpy as np
 
 from library import AnatomyLibrary, load_library
 from library.errors import LibraryError
-from pipelines.dicom.seg import SegObject, SourceRegion
+from pipelines.dicom.seg import Mode, SegObject, SourceRegion
 from pipelines.dicom.volume import Volume
 from pipelines.findings import CodedValue, Flag, Lesion, Localization, ModelInfo, SiteAssignment
 from pipelines.models.localizer.lesion_mask import LesionBox
@@ -58,10 +58,12 @@ class LibraryLocalizer:
 
     @property
     def models(self) -> Sequence[ModelInfo]:
+        """The localizer model the SR names."""
         return [self.localizer.model_info]
 
     def localize_lesions(self, *, ct: Volume | None, suv: Volume, lesions: Sequence[Lesion],
                          segs: Sequence[SegObject]) -> list[Localization | None]:
+        """One library location per lesion; None for every lesion without a CT (the model's first channel)."""
         if ct is None:  # the model's first channel is CT: no CT, no location (flagged by the SR)
             return [None] * len(lesions)
         by_uid = {s.sop_instance_uid: s for s in segs}
@@ -69,7 +71,7 @@ class LibraryLocalizer:
         boxes: list[LesionBox] = []
         for les in lesions:
             seg = by_uid[les.seg_sop_instance_uid]
-            mode = "segments" if les.component is None else "components"
+            mode: Mode = "segments" if les.component is None else "components"
             region = next(r for r in seg.source_regions([les.segment_number], mode)
                           if r.component == les.component)
             masks.append(_region_volume(region, seg))

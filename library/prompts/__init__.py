@@ -2,7 +2,7 @@
 
 A prompt set is a JSON file beside this module: per finding a *negative* and a *positive*
 class name, the templates they are put into, and the scoring protocol the checkpoint was
-validated with (hlip-compat.md §10).  Prompts are data, not code, so a site can add a set
+validated with (HLIP, arXiv 2505.21862).  Prompts are data, not code, so a site can add a set
 without touching Python, and every score Locus reports names the set's ``version``.
 
 Shipped: ``ct_rate_hlip_v1`` — the 16 CT-RATE findings HLIP v1 evaluates, paired-negative
@@ -70,7 +70,7 @@ def load_prompt_set(name_or_path: str | Path = "ct_rate_hlip_v1") -> PromptSet:
             raise PromptSetError(f"prompt set {path.name}: each template needs exactly one '{{}}'")
         findings = tuple(
             FindingPrompt(id=str(f["id"]), finding=str(f["finding"]), negative=str(f["negative"]),
-                          positive=str(f["positive"]), organ=str(f.get("organ", "")))  # fmt: skip
+                          positive=str(f["positive"]), organ=str(f.get("organ", "")))
             for f in data["findings"]
         )
     except (KeyError, TypeError) as exc:

@@ -1,4 +1,4 @@
-"""Positive-only prompt sets for ItemizedCLIP (itemizedclip-compat.md §5), as versioned data.
+"""Positive-only prompt sets for ItemizedCLIP (arXiv 2512.11141), as versioned data.
 
 ItemizedCLIP scores each finding with **one** positive prompt: no "No X" partner, no softmax.
 The published chest-CT protocol is ``"findings consistent with " + name.lower()`` where
@@ -74,14 +74,14 @@ def load_item_prompt_set(name_or_path: str | Path = DEFAULT_SET) -> ItemPromptSe
         protocol = str(data["protocol"])
         if protocol != PROTOCOL:
             raise PromptSetError(f"prompt set {path.name}: protocol {protocol!r} is not {PROTOCOL!r} "
-                                 "(paired-negative sets are for the HLIP encoder)")  # fmt: skip
+                                 "(paired-negative sets are for the HLIP encoder)")
         templates = [str(t) for t in data["templates"]]
         if len(templates) != 1 or templates[0].count("{}") != 1:
             raise PromptSetError(f"prompt set {path.name}: the positive-only protocol has exactly one template "
-                                 "with exactly one '{}'")  # fmt: skip
+                                 "with exactly one '{}'")
         findings = tuple(
             ItemPrompt(id=str(f["id"]), finding=str(f["finding"]), name=str(f["name"]), organ=str(f.get("organ", "")),
-                       rad_chestct=bool(f.get("rad_chestct", True)))  # fmt: skip
+                       rad_chestct=bool(f.get("rad_chestct", True)))
             for f in data["findings"]
         )
         version = str(data["version"])

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import cast
 
 
 def find(pattern: str, cid: int | None = None) -> list[tuple[str, str, str, list[int]]]:
-    from pydicom.sr._concepts_dict import concepts
+    from pydicom.sr._concepts_dict import concepts as _concepts
+
+    concepts = cast("dict[str, dict[str, dict[str, tuple[str, list[int]]]]]", _concepts)
 
     rx = re.compile(pattern, re.I)
     rows: dict[tuple[str, str, str], list[int]] = {}

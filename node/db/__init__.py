@@ -7,9 +7,8 @@ the functions of :mod:`node.db.repo`, which take a ``Session`` first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session

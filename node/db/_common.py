@@ -19,6 +19,7 @@ from node.db.models import (
     StudyVersion,
     VersionState,
 )
+from pipelines.dicom.uid import is_valid_uid
 from pipelines.errors import InputError
 
 SEG_SOP_CLASSES = frozenset(
@@ -43,8 +44,8 @@ def check_uid(name: str, value: str | None, *, required: bool = True) -> None:
         if required:
             raise InputError(f"{name} is missing", code="missing_uid")
         return
-    if len(value) > 64:
-        raise InputError(f"{name} is longer than 64 characters (PS3.5 §9)", code="invalid_uid")
+    if not is_valid_uid(value, allow_leading_zeros=True):  # received UIDs: see pipelines.dicom.uid
+        raise InputError(f"{name} {value[:80]!r} is not a valid UID (PS3.5 §9.1)", code="invalid_uid")
 
 
 def insert_ignore(session: Session, model: type[Any], values: Mapping[str, Any], keys: Sequence[str]) -> bool:

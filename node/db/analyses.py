@@ -43,6 +43,7 @@ from node.db.models import (
 
 
 class VersionInstance(NamedTuple):
+    """One instance of a study version, as the worker needs it to read the file from the spool."""
     path: str  # relative to the spool directory
     sop_uid: str
     series_uid: str
@@ -51,6 +52,7 @@ class VersionInstance(NamedTuple):
 
 @dataclass(frozen=True)
 class ReportRow:
+    """One stored SR as the report listing and the exporter see it."""
     id: int
     analysis_id: int
     study_uid: str
@@ -64,6 +66,7 @@ class ReportRow:
 
 @dataclass(frozen=True)
 class StoredAnalysis:
+    """What storing one analysis produced: ids for the audit log and the export queue."""
     analysis_id: int
     report_id: int | None
     lesion_count: int
@@ -695,6 +698,7 @@ def previous_report(session: Session, study_uid: str, before_version: int) -> Re
 
 
 def reports_for_study(session: Session, study_uid: str) -> list[ReportRow]:
+    """Every report of a study, newest version first, for the report listing."""
     return _report_rows(session, Study.study_uid == study_uid)
 
 
@@ -750,6 +754,7 @@ def store_embedding(
 
 
 def load_embedding(session: Session, study_version_id: int, model_id: str) -> list[float] | None:
+    """A study version's stored embedding for one model, or None when it was never encoded."""
     row = session.scalars(
         select(StudyEmbedding).where(
             StudyEmbedding.study_version_id == study_version_id, StudyEmbedding.model_id == model_id

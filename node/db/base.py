@@ -57,6 +57,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """Store UTC: naive datetimes are taken as UTC, aware ones converted (SQLite keeps no zone)."""
         if value is None:
             return None
         if value.tzinfo is None:
@@ -65,12 +66,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """Return aware UTC datetimes whatever the backend gave back."""
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
+    """Declarative base with a naming convention, so Alembic migrations name constraints stably."""
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
@@ -205,6 +208,7 @@ class Database:
             return MigrationContext.configure(connection).get_current_revision()
 
     def dispose(self) -> None:
+        """Close the pool's connections (tests and process shutdown; forked children must not share them)."""
         self.engine.dispose()
 
 

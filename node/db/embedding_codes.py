@@ -53,7 +53,7 @@ def quantize(vectors: np.ndarray) -> Codes:
     """The int8 codes of each row (deterministic: the same vector always gives the same bytes)."""
     v = np.asarray(vectors, dtype=np.float32).astype(np.float64)
     n, _ = v.shape
-    finite = np.isfinite(v).all(axis=1) if n else np.ones(0, bool)
+    finite = np.asarray(np.isfinite(v).all(axis=1)) if n else np.ones(0, bool)
     v = np.where(finite[:, None], v, 0.0)
     peak = np.abs(v).max(axis=1) if v.size else np.zeros(n)
     scales = (peak / CODE_MAX).astype(np.float32)

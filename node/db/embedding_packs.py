@@ -28,6 +28,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, func, select, text
@@ -65,20 +66,20 @@ class CodeChunk:
 
 
 def _code_chunk(pack_id: int, count: int, dim: int, ids: bytes, versions: bytes, codes: bytes, scales: bytes,
-                norms: bytes, residuals: bytes) -> CodeChunk:  # fmt: skip
+                norms: bytes, residuals: bytes) -> CodeChunk:
     if len(ids) != 8 * count or len(versions) != 4 * count or len(codes) != count * dim or \
-            len(scales) != 4 * count or len(norms) != 4 * count or len(residuals) != 4 * count:  # fmt: skip
+            len(scales) != 4 * count or len(norms) != 4 * count or len(residuals) != 4 * count:
         raise ValueError(f"embedding pack {pack_id} holds codes that do not match count={count}, dim={dim}")
     return CodeChunk(pack_id, np.frombuffer(ids, _IDS), np.frombuffer(versions, _VERSIONS),
                      np.frombuffer(codes, _CODES).reshape(count, dim), np.frombuffer(scales, _VECTORS),
-                     np.frombuffer(norms, _VECTORS), np.frombuffer(residuals, _VECTORS))  # fmt: skip
+                     np.frombuffer(norms, _VECTORS), np.frombuffer(residuals, _VECTORS))
 
 
 def _chunk(count: int, dim: int, ids: bytes, versions: bytes, vectors: bytes) -> PackChunk:
     if len(ids) != 8 * count or len(versions) != 4 * count or len(vectors) != 4 * count * dim:
         raise ValueError(f"embedding pack holds arrays that do not match count={count}, dim={dim}")
     return PackChunk(np.frombuffer(ids, _IDS), np.frombuffer(versions, _VERSIONS),
-                     np.frombuffer(vectors, _VECTORS).reshape(count, dim))  # fmt: skip
+                     np.frombuffer(vectors, _VECTORS).reshape(count, dim))
 
 
 def _lock(session: Session, model_id: str) -> None:
@@ -118,7 +119,7 @@ def _latest_version(session: Session, study_id: int, model_id: str) -> int | Non
 
 
 def index_embedding(session: Session, *, study_id: int, version: int, model_id: str, preprocessing_version: str,
-                    vector: bytes, dim: int) -> None:  # fmt: skip
+                    vector: bytes, dim: int) -> None:
     """Bring the packs up to date after an embedding row was stored (and flushed).
 
     A late embedding of an older version changes nothing; otherwise the study's entry is
@@ -160,7 +161,7 @@ def index_embedding(session: Session, *, study_id: int, version: int, model_id: 
 
 
 def _append(session: Session, model_id: str, prep: str, dim: int, study_id: int, version: int,
-            vec: np.ndarray) -> None:  # fmt: skip
+            vec: np.ndarray) -> None:
     last = session.scalars(
         select(StudyEmbeddingPack)
         .where(StudyEmbeddingPack.model_id == model_id, StudyEmbeddingPack.preprocessing_version == prep)
@@ -175,7 +176,7 @@ def _append(session: Session, model_id: str, prep: str, dim: int, study_id: int,
         _write(last, np.concatenate([ids_a, one[0]]), np.concatenate([ver_a, one[1]]), np.vstack([vec_a, one[2]]))
     else:
         pack = StudyEmbeddingPack(model_id=model_id, preprocessing_version=prep, dim=dim,
-                                  pack_no=0 if last is None else last.pack_no + 1)  # fmt: skip
+                                  pack_no=0 if last is None else last.pack_no + 1)
         _write(pack, *one)
         session.add(pack)
     session.flush()
@@ -193,9 +194,9 @@ def scan(session: Session, model_id: str, preprocessing_version: str) -> Iterato
         return
     stmt = (
         select(StudyEmbeddingPack.count, StudyEmbeddingPack.dim, StudyEmbeddingPack.study_ids,
-               StudyEmbeddingPack.versions, StudyEmbeddingPack.vectors)  # fmt: skip
+               StudyEmbeddingPack.versions, StudyEmbeddingPack.vectors)
         .where(StudyEmbeddingPack.model_id == model_id,
-               StudyEmbeddingPack.preprocessing_version == preprocessing_version)  # fmt: skip
+               StudyEmbeddingPack.preprocessing_version == preprocessing_version)
         .order_by(StudyEmbeddingPack.pack_no)
         .execution_options(yield_per=8)
     )
@@ -207,11 +208,11 @@ def _scan_postgresql_binary(session: Session, model_id: str, preprocessing_versi
     for count, dim, ids, versions, vectors in _binary_rows(
         session, "SELECT count, dim, study_ids, versions, vectors FROM study_embedding_packs "
         "WHERE model_id = %s AND preprocessing_version = %s ORDER BY pack_no", (model_id, preprocessing_version)
-    ):  # fmt: skip
+    ):
         yield _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))
 
 
-def _binary_rows(session: Session, sql: str, params: tuple[object, ...]) -> Iterator[tuple[object, ...]]:
+def _binary_rows(session: Session, sql: str, params: tuple[object, ...]) -> Iterator[tuple[Any, ...]]:
     """Rows of ``sql`` through psycopg in binary format, in the session's transaction (see :func:`scan`)."""
     driver = session.connection().connection.driver_connection  # psycopg.Connection, same transaction
     with driver.cursor(binary=True) as cur:  # type: ignore[union-attr]
@@ -226,14 +227,14 @@ _CODE_SQL = ("SELECT id, count, dim, study_ids, versions, codes, code_scales, no
 
 def scan_codes(session: Session, model_id: str, preprocessing_version: str) -> Iterator[CodeChunk]:
     """The quantized side of every pack of one group, in pack order (a quarter of :func:`scan`'s bytes)."""
-    rows: Iterator[tuple[object, ...]]
+    rows: Iterator[tuple[Any, ...]]  # driver values: int and bytes/memoryview
     if session.get_bind().dialect.name == "postgresql":
         rows = _binary_rows(session, _CODE_SQL.format(m="%s", p="%s"), (model_id, preprocessing_version))
     else:
         rows = iter(session.execute(text(_CODE_SQL.format(m=":m", p=":p")).execution_options(yield_per=8),
-                                    {"m": model_id, "p": preprocessing_version}))  # fmt: skip
+                                    {"m": model_id, "p": preprocessing_version}))
     for pack_id, count, dim, *arrays in rows:
-        yield _code_chunk(int(pack_id), int(count), int(dim), *(bytes(a) for a in arrays))  # type: ignore[arg-type]
+        yield _code_chunk(int(pack_id), int(count), int(dim), *(bytes(a) for a in arrays))
 
 
 def fetch_vectors(session: Session, pack_ids: list[int]) -> dict[int, PackChunk]:
@@ -242,17 +243,17 @@ def fetch_vectors(session: Session, pack_ids: list[int]) -> dict[int, PackChunk]
     if not pack_ids:
         return out
     if session.get_bind().dialect.name == "postgresql":
-        rows: Iterator[tuple[object, ...]] = _binary_rows(
+        rows: Iterator[tuple[Any, ...]] = _binary_rows(
             session, "SELECT id, count, dim, study_ids, versions, vectors FROM study_embedding_packs "
-            "WHERE id = ANY(%s)", (sorted(pack_ids),))  # fmt: skip
+            "WHERE id = ANY(%s)", (sorted(pack_ids),))
     else:  # IN lists of at most 500, below SQLite's historical 999-parameter limit
         wanted = sorted(pack_ids)
         rows = (row for start in range(0, len(wanted), 500) for row in session.execute(
             select(StudyEmbeddingPack.id, StudyEmbeddingPack.count, StudyEmbeddingPack.dim,
                    StudyEmbeddingPack.study_ids, StudyEmbeddingPack.versions, StudyEmbeddingPack.vectors)
-            .where(StudyEmbeddingPack.id.in_(wanted[start : start + 500]))))  # fmt: skip
+            .where(StudyEmbeddingPack.id.in_(wanted[start : start + 500]))))
     for pack_id, count, dim, ids, versions, vectors in rows:
-        out[int(pack_id)] = _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))  # type: ignore[arg-type]
+        out[int(pack_id)] = _chunk(int(count), int(dim), bytes(ids), bytes(versions), bytes(vectors))
     return out
 
 
@@ -260,7 +261,7 @@ def group_dims(session: Session, model_id: str) -> dict[str, tuple[int, int]]:
     """``{preprocessing_version: (dim, entries)}`` of one model's pack groups."""
     rows = session.execute(
         select(StudyEmbeddingPack.preprocessing_version, func.min(StudyEmbeddingPack.dim),
-               func.max(StudyEmbeddingPack.dim), func.sum(StudyEmbeddingPack.count))  # fmt: skip
+               func.max(StudyEmbeddingPack.dim), func.sum(StudyEmbeddingPack.count))
         .where(StudyEmbeddingPack.model_id == model_id)
         .group_by(StudyEmbeddingPack.preprocessing_version)
     )
@@ -276,7 +277,7 @@ def _from_rows(session: Session, model_id: str | None) -> dict[tuple[str, str], 
     """The invariant's content recomputed from ``study_embeddings``: group → [(study id, version, vector)]."""
     stmt = (
         select(StudyVersion.study_id, StudyVersion.version, StudyEmbedding.model_id,
-               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)  # fmt: skip
+               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)
         .join(StudyVersion, StudyVersion.id == StudyEmbedding.study_version_id)
     )
     if model_id is not None:
@@ -312,7 +313,7 @@ def rebuild(session: Session, model_id: str | None = None) -> int:
             part = entries[start : start + PACK_SIZE]
             pack = StudyEmbeddingPack(model_id=model, preprocessing_version=prep, dim=dim, pack_no=n)
             _write(pack, np.array([e[0] for e in part]), np.array([e[1] for e in part]),
-                   np.frombuffer(b"".join(e[2] for e in part), _VECTORS).reshape(len(part), dim))  # fmt: skip
+                   np.frombuffer(b"".join(e[2] for e in part), _VECTORS).reshape(len(part), dim))
             session.add(pack)
             written += len(part)
     session.flush()
@@ -322,7 +323,7 @@ def rebuild(session: Session, model_id: str | None = None) -> int:
 def verify(session: Session, model_id: str | None = None) -> list[str]:
     """Differences between the packs and the invariant (empty when they agree)."""
     expected = {(model, prep, sid): (ver, vec) for (model, prep), entries in _from_rows(session, model_id).items()
-                for sid, ver, vec in entries}  # fmt: skip
+                for sid, ver, vec in entries}
     found: dict[tuple[str, str, int], tuple[int, bytes]] = {}
     problems = []
     stmt = select(StudyEmbeddingPack)
@@ -332,12 +333,12 @@ def verify(session: Session, model_id: str | None = None) -> list[str]:
         c = _chunk(pack.count, pack.dim, pack.study_ids, pack.versions, pack.vectors)
         want = quantize(c.vectors)
         got = _code_chunk(pack.id, pack.count, pack.dim, pack.study_ids, pack.versions, pack.codes, pack.code_scales,
-                          pack.norms, pack.residual_norms)  # fmt: skip
+                          pack.norms, pack.residual_norms)
         if not all(np.array_equal(a.view(np.uint8), b.view(np.uint8)) for a, b in
                    ((want.codes, got.codes), (want.scales, got.scales), (want.norms, got.norms),
-                    (want.residual_norms, got.residual_norms))):  # fmt: skip
+                    (want.residual_norms, got.residual_norms))):
             problems.append(f"pack {pack.model_id}/{pack.preprocessing_version}/{pack.pack_no}: "
-                            "codes differ from its vectors")  # fmt: skip
+                            "codes differ from its vectors")
         for sid, ver, vec in zip(c.study_ids.tolist(), c.versions.tolist(), c.vectors, strict=True):
             key = (pack.model_id, pack.preprocessing_version, int(sid))
             if key in found:

@@ -21,6 +21,7 @@ from node.db.models import Study, StudyEmbedding, StudyVersion
 
 @dataclass(frozen=True)
 class StoredVector:
+    """One stored study embedding with the identifiers that make it comparable."""
     study_uid: str
     version: int
     model_id: str
@@ -32,7 +33,7 @@ class StoredVector:
 def _rows(session: Session, *conditions: object) -> list[StoredVector]:
     stmt = (
         select(Study.study_uid, StudyVersion.version, StudyEmbedding.model_id, StudyEmbedding.dim,
-               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)  # fmt: skip
+               StudyEmbedding.preprocessing_version, StudyEmbedding.vector)
         .join(StudyVersion, StudyVersion.id == StudyEmbedding.study_version_id)
         .join(Study, Study.id == StudyVersion.study_id)
         .where(*conditions)  # type: ignore[arg-type]

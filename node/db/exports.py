@@ -1,5 +1,5 @@
 """Report exports: an outbox with leases, bounded retries and a visible failed state
-(peers.md F5/F6: no retry storms, no silent loss)."""
+(docs/design.md F5, F6: no retry storms, no silent loss)."""
 
 from __future__ import annotations
 

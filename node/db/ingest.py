@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import time
@@ -556,11 +557,9 @@ class BatchRecorder:
                 cur.execute(f"PRAGMA busy_timeout={int(self.db.sqlite_busy_timeout_ms)}")
                 cur.close()
             raw.close()
-        except Exception:  # noqa: BLE001 - a broken connection is discarded, not pooled
-            try:
+        except Exception:
+            with contextlib.suppress(Exception):
                 raw.invalidate()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 @dataclass(frozen=True)

@@ -82,12 +82,14 @@ class StudyStatus(enum.StrEnum):
 
 
 class AnalysisStatus(enum.StrEnum):
+    """Where an analysis run stands; ``running`` rows carry a lease a sweeper can reclaim."""
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
 
 class ExportState(enum.StrEnum):
+    """Where one export of one report stands, so each report is sent once per destination."""
     PENDING = "pending"  # waiting for next_attempt_at
     SENDING = "sending"  # claimed by an exporter until next_attempt_at (lease)
     DONE = "done"
@@ -95,6 +97,7 @@ class ExportState(enum.StrEnum):
 
 
 class AuditKind(enum.StrEnum):
+    """What an audit row records; every received or refused instance and state change has one."""
     RECEIVED = "received"
     REJECTED = "rejected"
     COMPLETE = "complete"
@@ -115,6 +118,7 @@ class AuditKind(enum.StrEnum):
 
 
 class Study(Base):
+    """A study as received, keyed by its Study Instance UID, with its completion state."""
     __tablename__ = "studies"
     __table_args__ = (CheckConstraint(_in("status", StudyStatus), name="status"),)
 
@@ -137,6 +141,7 @@ class Study(Base):
 
 
 class Series(Base):
+    """A series of a study, with what completion and the analysis need to know of it."""
     __tablename__ = "series"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -152,6 +157,7 @@ class Series(Base):
 
 
 class Instance(Base):
+    """One received instance: its UIDs and where its bytes are in the spool."""
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -208,6 +214,7 @@ class StudyVersionInstance(Base):
 
 
 class Analysis(Base):
+    """One analysis run of one study version, with the lease that makes a killed worker recoverable."""
     __tablename__ = "analyses"
     __table_args__ = (CheckConstraint(_in("status", AnalysisStatus), name="status"),)
 
@@ -228,6 +235,7 @@ class Analysis(Base):
 
 
 class Lesion(Base):
+    """One measured lesion of an analysis, as written to the SR."""
     __tablename__ = "lesions"
     __table_args__ = (UniqueConstraint("analysis_id", "lesion_id"),)
 
@@ -260,6 +268,7 @@ class Lesion(Base):
 
 
 class Report(Base):
+    """One SR written for an analysis, with the UIDs that identify it in the PACS."""
     __tablename__ = "reports"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -272,6 +281,7 @@ class Report(Base):
 
 
 class Export(Base):
+    """One report's export to one destination: the outbox row the exporter claims."""
     __tablename__ = "exports"
     __table_args__ = (
         UniqueConstraint("report_id", "destination"),
@@ -293,6 +303,7 @@ class Export(Base):
 
 
 class ExportAttempt(Base):
+    """One try of an export, kept so an operator can see why a send failed."""
     __tablename__ = "export_attempts"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -320,6 +331,7 @@ class AuditEvent(Base):
 
 
 class ReviewAction(enum.StrEnum):
+    """What a reviewer did to a lesion's location; the SR's next version carries it."""
     CONFIRM = "confirm"  # the location shown (prediction or earlier review) is right
     CORRECT = "correct"  # the lesion is elsewhere: a library site id is given
 

@@ -28,6 +28,7 @@ from node.db.models import (
 
 @dataclass(frozen=True)
 class StudySummary:
+    """One study's row in ``locus studies``."""
     study_uid: str
     status: str
     instances: int
@@ -41,6 +42,7 @@ class StudySummary:
 
 @dataclass(frozen=True)
 class LesionRow:
+    """One lesion's row in ``locus lesions``."""
     study_uid: str
     version: int
     lesion_id: str

@@ -307,6 +307,7 @@ class DatasetStudy:
 
     @property
     def reviewed(self) -> bool:
+        """Whether any lesion of the study has a review (datasets may be limited to reviewed studies)."""
         return any(les.review is not None for les in self.lesions)
 
 

@@ -37,6 +37,7 @@ from node.db.models import (
 
 @dataclass(frozen=True)
 class VersionInfo:
+    """The identifiers of a study version that workers and logs need."""
     id: int
     study_uid: str
     version: int
@@ -49,6 +50,7 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class SeriesState:
+    """What completion knows of one series of a snapshot."""
     series_uid: str
     modality: str
     sop_class_uid: str
@@ -60,6 +62,7 @@ class SeriesState:
 
 @dataclass(frozen=True)
 class SegReferences:
+    """The images a SEG references, so completion can wait for them."""
     sop_uid: str
     referenced: tuple[tuple[str, str], ...]  # (series UID, SOP UID)
 
@@ -91,6 +94,7 @@ def pending_study_ids(session: Session) -> list[int]:
 
 
 def study_snapshot(session: Session, study_id: int) -> StudySnapshot | None:
+    """The study as it is now in the index, or None when it is gone; completion decides on this."""
     study = session.execute(
         select(Study).where(Study.id == study_id).execution_options(populate_existing=True)
     ).scalar_one_or_none()
@@ -178,10 +182,12 @@ class DecisionLike(Protocol):
     """What a completion rule returns (``node.completion.Decision``)."""
 
     @property
-    def rule(self) -> str: ...
+    def rule(self) -> str:
+        """The rule that decided (recorded with the version so the state is explained)."""
 
     @property
-    def reason(self) -> str: ...
+    def reason(self) -> str:
+        """Why the rule decided so, in words for the operator."""
 
 
 D = TypeVar("D", bound=DecisionLike)
@@ -294,6 +300,7 @@ def create_study_version(
 
 
 def get_version(session: Session, study_version_id: int) -> VersionInfo:
+    """The version's identifiers; raises when the version does not exist."""
     version, study = version_and_study(session, study_version_id)
     return VersionInfo(
         id=version.id,

@@ -8,7 +8,7 @@ same place at once), each is sent with :func:`node.export.scu.send_instance`, an
 * delivered (0x0000 or a storage warning) → ``done``;
 * transient failure (no connection, rejected/aborted association, no response, peer out
   of resources) → ``pending`` again after ``base · 2^(attempts-1)`` seconds, capped; after
-  ``max_attempts`` → ``failed`` with the peer's status or error (peers.md F5/F6: bounded,
+  ``max_attempts`` → ``failed`` with the peer's status or error (docs/design.md F5, F6: bounded,
   never a retry storm);
 * permanent failure (peer refuses the object with a failure status, accepts no context,
   the destination is unknown, the SR file is missing) → ``failed`` at once.
@@ -81,6 +81,7 @@ class DestinationResolver:
     senders: Mapping[str, Peer] = field(default_factory=dict)
 
     def resolve(self, name: str, calling_aes: Sequence[str] = ()) -> Peer:
+        """The peer for a destination name; return-to-sender picks the first calling AE with a host and port."""
         if name != RETURN_TO_SENDER:
             peer = self.destinations.get(name)
             if peer is None:
@@ -98,6 +99,7 @@ class DestinationResolver:
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> DestinationResolver:
+        """The resolver of the configured export destinations."""
         dests = {
             d.name: Peer(ae_title=d.ae_title, host=d.host, port=d.port, name=d.name, tls=PeerTls.of(d))
             for d in settings.export.destinations

@@ -3,7 +3,7 @@
 Only the presentation contexts the object needs are proposed — its SOP class with its
 own transfer syntax, plus Explicit/Implicit VR Little Endian when the object is
 uncompressed — because strict PACS reject associations that propose every storage class
-(peers.md F8). Outcomes (PS3.4 Annex B.2.3, PS3.7 Annex C; dicom-guide.md §7.6):
+(docs/design.md F8). Outcomes (PS3.4 Annex B.2.3, PS3.7 Annex C):
 
 * 0x0000 and the warnings 0xB000, 0xB006, 0xB007: delivered → :class:`SendResult`.
 * No connection, association rejected or aborted, no response, or a peer status of
@@ -29,8 +29,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from node.listener.tls import client_context
 from node.listener.status import describe, is_delivered, is_transient_failure
+from node.listener.tls import client_context
 from pipelines.errors import LocusError, TransientError
 
 LOGGER = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class SendResult:
 
     @property
     def warning(self) -> bool:
+        """Whether the peer accepted with a warning status rather than plain success (PS3.4 B.2.3)."""
         return self.status != 0x0000
 
 
@@ -105,7 +106,7 @@ def _identify(source: Path | Dataset) -> tuple[str, str, str]:
 
 def proposed_contexts(sop_class: str, transfer_syntax: str) -> list[tuple[str, list[str]]]:
     """The presentation contexts to propose for one object (abstract syntax, syntaxes)."""
-    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    uncompressed: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     if transfer_syntax in uncompressed:
         first = [transfer_syntax] + [t for t in uncompressed if t != transfer_syntax]
         return [(sop_class, first)]

@@ -54,6 +54,7 @@ class LocusAcceptor(Association):
     """``Association`` whose acceptor ends as soon as its connection does (module docstring)."""
 
     def run_reactor(self) -> None:
+        """Run pynetdicom's reactor, or in the acceptor process only accept and hand connections on."""
         if not self.is_acceptor:
             super().run_reactor()
             return

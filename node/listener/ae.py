@@ -1,10 +1,10 @@
 """Build the listener's Application Entity and decide who may associate with it.
 
-Presentation contexts (dicom-guide.md §7.1, P6): every storage SOP class in pynetdicom's
+Presentation contexts (PS3.8 §9.3.2.2): every storage SOP class in pynetdicom's
 ``AllStoragePresentationContexts`` (170, which unlike ``StoragePresentationContexts``
 includes Label Map Segmentation Storage 1.2.840.10008.5.1.4.1.1.66.7) plus Verification.
 Each accepts the uncompressed transfer syntaxes and the common compressed ones
-(peers.md F8: senders that offer only JPEG-LS / JPEG 2000 / JPEG lossless must not be
+(docs/design.md F8: senders that offer only JPEG-LS / JPEG 2000 / JPEG lossless must not be
 refused). Objects are stored as received, so no codec is needed to accept them.
 
 Who may connect (PS3.8 §7.1.1.3 A-ASSOCIATE-RJ): the called AE title must be ours
@@ -155,6 +155,7 @@ class CallerPolicy:
 
     @property
     def open(self) -> bool:
+        """Whether every calling AE is accepted (no allow-list configured)."""
         return not self.allowed
 
     def check(self, calling_ae: str, called_ae: str, peer_host: str) -> Refusal | None:
@@ -229,6 +230,7 @@ def make_request_handler(
     def on_requested(event: evt.Event) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
+        assert primitive is not None  # set from the A-ASSOCIATE-RQ before EVT_REQUESTED
         calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         peer = str(assoc.requestor.address)
@@ -271,7 +273,7 @@ def build_ae(
     maximum_pdu_size: int = 0,
     transfer_syntaxes: Iterable[str] = ACCEPTED_TRANSFER_SYNTAXES,
 ) -> AE:
-    """The listener's AE with every storage context and Verification (dicom-guide.md §7.1).
+    """The listener's AE with every storage context and Verification (PS3.8 §9.3.2.2, Annex D.1).
 
     ``maximum_pdu_size=0`` (unlimited) roughly halves receive time versus pynetdicom's
     16382 default (§7.3). Calling/called AE checks and the association limit are done
@@ -288,6 +290,7 @@ def build_ae(
     ae.maximum_pdu_size = maximum_pdu_size
     syntaxes = list(dict.fromkeys(transfer_syntaxes))
     for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None  # pynetdicom's storage contexts all name one
         ae.add_supported_context(cx.abstract_syntax, syntaxes)
     ae.add_supported_context(Verification, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
     # Storage Commitment Push Model SCP (PS3.4 Annex J; node.listener.commitment).

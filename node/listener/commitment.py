@@ -84,6 +84,7 @@ class CommitmentResult:
 
     @property
     def event_type(self) -> int:
+        """The N-EVENT-REPORT Event Type ID for this result (PS3.4 J.3.3)."""
         return EVENT_FAILURES_EXIST if self.failed else EVENT_ALL_COMMITTED
 
 
@@ -139,7 +140,7 @@ def handle_n_action(event: Any, ctx: StoreContext) -> tuple[int, Dataset | None]
         return STATUS_NO_SUCH_ACTION, None
     try:
         info = event.action_information
-    except Exception:  # undecodable Action Information  # noqa: BLE001
+    except Exception:  # undecodable Action Information
         LOGGER.warning("storage commitment request with undecodable Action Information")
         return STATUS_INVALID_ARGUMENT, None
     transaction = str(info.get("TransactionUID", "")).strip()

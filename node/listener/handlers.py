@@ -1,8 +1,8 @@
 """C-STORE and C-ECHO handlers: store durably, index, answer. Nothing else.
 
 pynetdicom runs a handler on the association's thread and the sender waits until it
-returns (dicom-guide.md §7.2), so the C-STORE handler only validates, writes and indexes;
-analysis is triggered elsewhere from the database (style.md lesson 2).
+returns (PS3.4 Annex B), so the C-STORE handler only validates, writes and indexes;
+analysis is triggered elsewhere from the database (docs/design.md D2).
 
 Order of operations for one C-STORE, and the answer at each failure (status.py):
 
@@ -50,11 +50,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from node.db import repo
 from node.db.base import Database
@@ -204,7 +205,7 @@ def same_content(indexed_file: bytes, indexed_ts: str, new_file: bytes, new_raw:
         first = dcmread(BytesIO(indexed_file), stop_before_pixels=True)
         second = dcmread(BytesIO(new_file), stop_before_pixels=True)
         return bool(first == second)
-    except Exception:  # noqa: BLE001 - undecodable: not provably the same object
+    except Exception:
         return False
 
 
@@ -262,7 +263,7 @@ def _record_refusal(ctx: StoreContext, refused: _Refused, calling: str, host: st
 def store_instance(event: evt.Event, ctx: StoreContext) -> Dataset:
     """The C-STORE handler body; see the module docstring for the order and statuses."""
     calling, host = _peer(event)
-    request = event.request
+    request = cast(C_STORE, event.request)  # evt.EVT_C_STORE carries a C-STORE request
     command_sop = str(request.AffectedSOPInstanceUID or "").strip()
     command_class = str(request.AffectedSOPClassUID or "").strip()
     try:

@@ -134,6 +134,7 @@ class IndexWriter:
 
     @property
     def running(self) -> bool:
+        """Whether the writer thread still takes records (the listener refuses stores when not)."""
         return self._thread.is_alive() and not self._stopped.is_set()
 
     # -- writer thread -----------------------------------------------------------------

@@ -25,6 +25,7 @@ when its parent disappears.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -176,6 +177,7 @@ class ListenerChildren:
     handed_off: int = 0  # connections passed to children (observability and tests)
 
     def start(self) -> None:
+        """Spawn the listener processes and the thread that restarts one that dies."""
         self._procs = [self._spawn(n) for n in range(self.count)]
         self._monitor = threading.Thread(target=self._watch, name="listener-children", daemon=True)
         self._monitor.start()
@@ -240,22 +242,22 @@ class ListenerChildren:
                 time.sleep(_RESTART_DELAY_S)
                 try:
                     self._procs[n] = self._spawn(n)
-                except Exception:  # noqa: BLE001 - keep watching; the parent listener still serves
+                except Exception:
                     LOGGER.exception("listener process %d could not be restarted", n + 1)
 
     @property
     def pids(self) -> list[int]:
+        """The process ids of the live children (status output and tests)."""
         return [int(c.process.pid) for c in self._procs if c.process.is_alive()]
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the children and their monitor; waits up to ``timeout`` seconds each."""
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join(10)
         for child in self._procs:
-            try:
+            with contextlib.suppress(OSError):  # that child is gone already
                 child.control.send("stop")
-            except OSError:  # that child is gone already
-                pass
             child.control.close()
             child.handoff.close()
         for child in self._procs:

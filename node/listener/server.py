@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -34,7 +34,7 @@ from node.listener.handlers import StoreContext, StoredHook, handle_echo, handle
 from node.listener.index_writer import IndexWriter
 from node.listener.processes import resolve_listener_processes
 from node.listener.tls import TlsAcceptor, server_context
-from node.listener.transport import LocusRequestHandler, SharedSyntaxContext
+from node.listener.transport import LocusRequestHandler, SharedSyntaxContext, check_pynetdicom_version
 from node.storage import Spool
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class ListenerConfig:
 
     @classmethod
     def from_settings(cls, settings: LocusSettings) -> ListenerConfig:
+        """The listener's configuration from the node settings."""
         d = settings.dicom
         return cls(
             ae_title=d.ae_title,
@@ -138,21 +139,26 @@ class ListenerServer:
 
     @property
     def host(self) -> str:
+        """The address the listener is bound to."""
         return str(self.server.server_address[0])
 
     @property
     def port(self) -> int:
+        """The bound port (the real one when 0 was configured)."""
         return int(self.server.server_address[1])
 
     @property
     def tls_port(self) -> int | None:
+        """The bound TLS port, or None without TLS."""
         return None if self.tls_server is None else int(self.tls_server.server_address[1])
 
     @property
     def ae_title(self) -> str:
+        """The AE title the listener answers to."""
         return self.config.ae_title
 
     def shutdown(self) -> None:
+        """Stop accepting, stop the listener processes and close every server socket."""
         if self.children is not None:
             self.children.stop()
         self.server.shutdown()
@@ -241,11 +247,12 @@ def _serve(
 ) -> _LocusServer:
     """What ``AE.start_server(block=False)`` does, with Locus's receive path
     (node.listener.transport), its hand-off to listener processes and its TLS."""
-    server = ae.make_server(
+    check_pynetdicom_version(cfg.event_driven)
+    server = cast(_LocusServer, ae.make_server(
         (cfg.host, port), evt_handlers=handlers, server_class=_LocusServer,
         request_handler=LocusRequestHandler,
         contexts=[SharedSyntaxContext.of(cx) for cx in ae.supported_contexts],
-    )
+    ))  # server_class=_LocusServer
     server.locus_event_driven = cfg.event_driven
     server.locus_max_pending = cfg.max_pending_connections
     server.locus_tls = tls

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from io import BytesIO
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from pydicom.uid import UID
@@ -118,6 +118,7 @@ class ListenerDimse(DIMSEServiceProvider):
         self._after[message_id] = callback
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send as pynetdicom does, then run the hook queued for this message id (post-response work)."""
         super().send_msg(primitive, context_id)
         responded = primitive.MessageIDBeingRespondedTo
         if self._after and responded is not None:
@@ -126,6 +127,7 @@ class ListenerDimse(DIMSEServiceProvider):
                 callback()
 
     def receive_primitive(self, primitive: P_DATA) -> None:
+        """pynetdicom's receive, answering an unconvertible C-STORE-RQ with 0xC213 instead of aborting."""
         if self.message is None:
             self.message = DIMSEMessage()
         message = self.message
@@ -149,7 +151,8 @@ class ListenerDimse(DIMSEServiceProvider):
                     target=make_target(self.assoc._serve_request), args=(d_primitive, context_id)
                 ).start()
             else:
-                self.msg_queue.put((context_id, d_primitive))
+                # pynetdicom's queue annotation omits C-CANCEL, which this branch (as upstream's) can pass on
+                self.msg_queue.put((context_id, d_primitive))  # type: ignore[arg-type]  # see above
         message.encoded_command_set = BytesIO()
         message.data_set = BytesIO()
         message._data_set_file = None
@@ -164,7 +167,8 @@ class ListenerDimse(DIMSEServiceProvider):
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = int(command.MessageID)
         rsp.Status = _INVALID_UID
-        rsp.ErrorComment = "a UID in the command set is not a valid UID (more than 64 characters?)"
+        # pynetdicom's C_STORE.__init__ sets ErrorComment = None, so mypy infers None; it is a string field
+        rsp.ErrorComment = "a UID in the command set is not a valid UID (more than 64 characters?)"  # type: ignore[assignment]  # see above
         sop_class = _valid_length_uid(command.get("AffectedSOPClassUID"))
         sop_instance = _valid_length_uid(command.get("AffectedSOPInstanceUID"))
         if sop_class and sop_instance:
@@ -185,6 +189,7 @@ class FastStoreResponses(ListenerDimse):
     """pynetdicom's DIMSE provider, sending plain C-STORE successes without pydicom."""
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a plain C-STORE success from a prebuilt template; anything else goes through pynetdicom."""
         command = _plain_store_success(primitive)
         max_pdu = self.maximum_pdu_size
         if (

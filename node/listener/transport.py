@@ -47,12 +47,14 @@ import logging
 import os
 import queue
 import select
+import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+import pynetdicom
 from pynetdicom import evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -69,13 +71,32 @@ from pynetdicom.utils import make_target
 if TYPE_CHECKING:
     import socket
 
+#: The pynetdicom release the event-driven overrides below were written and tested against.
+TESTED_PYNETDICOM = "3.0.4"
+
+
+def check_pynetdicom_version(event_driven: bool) -> None:
+    """Refuse the event-driven receive path on a pynetdicom it was not tested with.
+
+    The overrides reach into pynetdicom's private API; after an upgrade the listener must
+    not run them unreviewed. ``dicom.event_driven_associations = false`` runs pynetdicom's
+    own association loop instead (the listener test suite runs both ways).
+    """
+    if event_driven and pynetdicom.__version__ != TESTED_PYNETDICOM:
+        raise RuntimeError(
+            f"the event-driven listener was tested with pynetdicom {TESTED_PYNETDICOM}, not "
+            f"{pynetdicom.__version__}: set dicom.event_driven_associations = false "
+            "(LOCUS_DICOM__EVENT_DRIVEN_ASSOCIATIONS=false) until it is reviewed"
+        )
+
+
 #: Longest a DUL loop waits for data or a queued primitive before it looks at its
 #: timers (ARTIM, PS3.8 §9.1.5) and kill flag again. pynetdicom's loop looks every 1 ms;
 #: timer granularity of a few milliseconds changes nothing the standard specifies.
 DUL_IDLE_WAIT_S = 0.005
 
 
-class WakingQueue(queue.Queue):  # type: ignore[type-arg]
+class WakingQueue(queue.Queue):
     """A ``queue.Queue`` that calls ``wake()`` after every ``put``.
 
     pynetdicom's loops poll their queues; this lets a waiting loop be woken instead.
@@ -87,11 +108,12 @@ class WakingQueue(queue.Queue):  # type: ignore[type-arg]
         self._wake = wake
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put, then wake the DUL thread that waits on the wake pipe."""
         super().put(item, block, timeout)
         self._wake()
 
     @classmethod
-    def replacing(cls, old: queue.Queue, wake: Callable[[], None]) -> WakingQueue:  # type: ignore[type-arg]
+    def replacing(cls, old: queue.Queue, wake: Callable[[], None]) -> WakingQueue:
         """A waking queue holding what ``old`` holds now (e.g. the Evt5 of the accept)."""
         new = cls(wake)
         while True:
@@ -122,9 +144,11 @@ class WakePipe:
         self._finalizer = weakref.finalize(self, _close_fds, self._r, self._w)
 
     def fileno(self) -> int:
+        """The read end, for ``select``."""
         return self._r
 
     def signal(self) -> None:
+        """Make the read end readable (once until drained), so a waiting reader wakes."""
         if self._pending:  # already readable: the reader will look at every queue
             return
         self._pending = True
@@ -133,6 +157,7 @@ class WakePipe:
             os.write(self._w, b"\0")
 
     def drain(self) -> None:
+        """Empty the pipe after waking, so the next ``select`` waits again."""
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._r, 4096):
                 pass
@@ -141,6 +166,7 @@ class WakePipe:
         self._pending = False
 
     def close(self) -> None:
+        """Close both ends (idempotent)."""
         self.closed = True
         self._finalizer()
 
@@ -157,6 +183,7 @@ class BulkReceiveSocket(AssociationSocket):
     wake_pipe: WakePipe | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` into one buffer with as few system calls as the kernel allows."""
         sock = cast("socket.socket", self.socket)
         buffer = bytearray(nr_bytes)
         nr_read = 0
@@ -188,7 +215,8 @@ class BulkReceiveSocket(AssociationSocket):
         if pending is not None and pending():
             return True
         try:
-            readable, _, _ = select.select([sock, pipe], [], [], DUL_IDLE_WAIT_S)
+            waitables: list[socket.socket | WakePipe] = [sock, pipe]
+            readable, _, _ = select.select(waitables, [], [], DUL_IDLE_WAIT_S)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
             return False
@@ -232,6 +260,7 @@ class SharedSyntaxContext(PresentationContext):
 
     @classmethod
     def of(cls, context: PresentationContext) -> SharedSyntaxContext:
+        """A copy of ``context`` whose transfer-syntax list is not re-validated on each access."""
         new = cls()
         new.__dict__.update(context.__dict__)
         new._transfer_syntax = list(context._transfer_syntax)
@@ -275,6 +304,7 @@ class LocusRequestHandler(RequestHandler):
     """
 
     def handle(self) -> None:
+        """Serve one connection: TLS handshake when configured, then the association."""
         tls = getattr(self.server, "locus_tls", None)
         if tls is not None:
             peer = str(self.client_address[0]) if isinstance(self.client_address, tuple) else "?"

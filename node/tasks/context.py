@@ -25,6 +25,7 @@ from node.storage import LocalSpool
 
 @dataclass
 class WorkerContext:
+    """What a worker process shares between tasks: settings, database, spool and model cache."""
     settings: LocusSettings
     db: Database
     spool: LocalSpool
@@ -44,6 +45,7 @@ _context_lock = threading.Lock()
 
 
 def build_context(settings: LocusSettings) -> WorkerContext:
+    """The worker context for ``settings``, creating the data directories."""
     settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     return WorkerContext(
@@ -54,16 +56,18 @@ def build_context(settings: LocusSettings) -> WorkerContext:
 
 
 def install_context(ctx: WorkerContext) -> None:
+    """Use ``ctx`` for this process's tasks (an in-process worker shares the node's context)."""
     global _context
     with _context_lock:
         _context = ctx
 
 
 def get_context() -> WorkerContext:
+    """This process's worker context, built from the environment's settings on first use."""
     global _context
     with _context_lock:
         if _context is None:
-            _context = build_context(LocusSettings())
+            _context = build_context(LocusSettings.load())
         return _context
 
 

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 @app.task(name=ANALYSE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=5)
-def analyse(self, study_version_id: int) -> str:  # type: ignore[no-untyped-def]
+def analyse(self, study_version_id: int) -> str:
+    """Celery task: analyse one study version; transient failures retry with back-off."""
     from node import jobs
     from pipelines.errors import TransientError
 
@@ -26,11 +27,11 @@ def analyse(self, study_version_id: int) -> str:  # type: ignore[no-untyped-def]
     except TransientError as exc:
         delay = min(300, 10 * 2 ** self.request.retries)
         log.warning("analysis of version %s deferred %ss: %s", study_version_id, delay, exc)
-        raise self.retry(exc=exc, countdown=delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
 
 
 @app.task(name=EXPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-def export_pass(self) -> int:  # type: ignore[no-untyped-def]
+def export_pass(self) -> int:
     """One outbox pass: every due export is claimed (with a lease), sent and recorded."""
     from node import jobs
 

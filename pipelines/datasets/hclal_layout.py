@@ -1,4 +1,4 @@
-"""HCL-AL's on-disk dataset layout: per-study NIfTI images and the CSV files (hcl-al-compat.md §2, §3, §11).
+"""HCL-AL's on-disk dataset layout: per-study NIfTI images and the CSV files (HCL-AL, Gao et al. 2025).
 
 Plain values in and out (:class:`~pipelines.dicom.volume.Volume`, dicts, :class:`Box`); no database,
 so the node writes this layout and ``training`` reads it without either knowing the other.
@@ -7,7 +7,7 @@ Per study folder (the folder name is HCL-AL's study key: its evaluation groups r
 ``basename(dirname(image_path))``):
 
 =================  ========  =================================================================
-file               channel   content (hcl-al-compat.md §2)
+file               channel   content (HCL-AL, Gao et al. 2025)
 =================  ========  =================================================================
 ``CT.nii.gz``      0         CT in HU on the CT's original grid (column ``image_path``)
 ``SUV.nii.gz``     1         PET as SUVbw on the PET grid (column ``image_path1``)
@@ -108,10 +108,11 @@ def ct_storage_dtype(array: np.ndarray) -> np.dtype:
             if not (np.all(np.isfinite(plane)) and np.array_equal(plane, np.round(plane))):
                 return np.dtype(np.float32)
     lo, hi = float(array.min()), float(array.max())
-    return np.dtype(np.int16) if -32768 <= lo and hi <= 32767 else np.dtype(np.float32)
+    return np.dtype(np.int16) if lo >= -32768 and hi <= 32767 else np.dtype(np.float32)
 
 
 def label_dtype(max_label: int) -> np.dtype:
+    """The smallest unsigned type that holds every label (HCL-AL's label files use uint8 when they can)."""
     return np.dtype(np.uint8) if max_label <= 255 else np.dtype(np.uint16)
 
 
@@ -125,6 +126,7 @@ class StudyImages:
 
     @property
     def folder(self) -> Path:
+        """The study's folder in the layout."""
         return self.ct.parent
 
 
@@ -163,10 +165,12 @@ class Box:
     size: tuple[float, float, float]
 
     def as_row(self) -> dict[str, float]:
+        """The box as a ``bbox.csv`` row."""
         return dict(zip(BOX_COLUMNS, (*self.centre, *self.size), strict=True))
 
     @classmethod
     def from_row(cls, row: Mapping[str, str], *, where: str = "") -> Box:
+        """A box from a ``bbox.csv`` row; a bad row raises with its location."""
         try:
             v = [float(row[c]) for c in BOX_COLUMNS]
         except (KeyError, ValueError, TypeError) as exc:
@@ -190,7 +194,7 @@ def voxel_box(affine: np.ndarray, index_min_ijk: Sequence[float], index_max_ijk:
     """Axis-aligned LPS box of the voxels from ``index_min`` to ``index_max`` (voxel edges).
 
     The same convention as the analysis's lesion boxes (pipelines.dicom.measure), i.e.
-    HCL-AL's corrected box (bugs B1/B2 of hcl-al-compat.md §14 not reproduced).
+    HCL-AL's corrected box (two box bugs of the HCL-AL reference code not reproduced).
     """
     box = bounding_box_mm(np.asarray(affine), np.asarray(index_min_ijk), np.asarray(index_max_ijk))
     return Box(box.center_mm, box.size_mm)

@@ -1,7 +1,7 @@
 """Ground truth between coded Locus sites and HCL-AL's strings, through the library's crosswalk.
 
 HCL-AL's evaluation ground truth is a list of acceptable *final location strings* (``anno.csv``
-column ``GT``, hcl-al-compat.md §11); its training files name a *coarse key* (``coarse_gt``) and
+column ``GT``; Gao et al. 2025); its training files name a *coarse key* (``coarse_gt``) and
 a *fine word* (``fine_gt``).  Locus reviews store a library site id.  Both directions go through
 ``library/data/hclal_crosswalk.yaml`` (one final string per site, each under one coarse key):
 

@@ -7,7 +7,7 @@ the SUV channel and of the measurements): each lesion is its SEG segment (or 26-
 component) placed on that grid with :func:`pipelines.dicom.seg.map_region`, the mapping the
 measurement used, so a lesion's voxel count in the mask equals its measured voxel count.
 
-A voxel can hold one label only (HCL-AL's multi-label mask, hcl-al-compat.md §2): where SEG
+A voxel can hold one label only (HCL-AL's multi-label mask; Gao et al. 2025): where SEG
 segments overlap, the lesion listed first keeps the voxel and the overlap is reported.
 """
 
@@ -23,7 +23,7 @@ from pydicom import Dataset
 
 from pipelines.datasets.hclal_layout import label_dtype
 from pipelines.dicom.inventory import take_inventory
-from pipelines.dicom.seg import SegObject, SourceRegion, check_frame_of_reference, map_region, read_segments
+from pipelines.dicom.seg import Mode, SegObject, SourceRegion, check_frame_of_reference, map_region, read_segments
 from pipelines.dicom.series import build_volume_report
 from pipelines.dicom.suv import suv_or_fallback
 from pipelines.dicom.volume import Volume
@@ -48,7 +48,7 @@ def rebuild_study(items: Sequence[str | Path | Dataset], *, tilt: Literal["refus
     """Rebuild the analysis inputs of one study (raises :class:`InputError` with a code).
 
     ``require``: the SUV kind the PET must convert to (HCL-AL's SUV channel is SUVbw,
-    hcl-al-compat.md §2); a study that only yields Bq/mL is refused (``suv_unavailable``)
+    HCL-AL, Gao et al. 2025); a study that only yields Bq/mL is refused (``suv_unavailable``)
     rather than written as if it were SUV.  ``None`` accepts the analysis's fallback.
     """
     inv = take_inventory(items)
@@ -122,7 +122,7 @@ def lesion_label_map(target: Volume, segs: dict[str, SegObject], lesions: Sequen
             missing[key.lesion_id] = f"SEG {key.seg_sop_uid} is not in the study's instances"
             continue
         check_frame_of_reference(seg, target)
-        mode = "segments" if key.component is None else "components"
+        mode: Mode = "segments" if key.component is None else "components"
         cache_key = (key.seg_sop_uid, key.segment_number, mode)
         if cache_key not in regions_cache:
             regions_cache[cache_key] = seg.source_regions([key.segment_number], mode)

@@ -89,6 +89,7 @@ class SeriesGroup:
 
     @property
     def paths(self) -> tuple[str | None, ...]:
+        """The files of the series' instances (None where a header was not read from a file)."""
         return tuple(_filename(ds) for ds in self.headers)
 
 
@@ -107,14 +108,17 @@ class StudyInventory:
 
     @property
     def pet_headers(self) -> list[Dataset]:
+        """The PET series' headers, in instance order."""
         return list(self.pet.headers)
 
     @property
     def ct_headers(self) -> list[Dataset] | None:
+        """The CT series' headers, or None when the study has no usable CT."""
         return list(self.ct.headers) if self.ct is not None else None
 
     @property
     def seg_headers(self) -> list[Dataset]:
+        """Every SEG header of the study."""
         return [ds for g in self.segs for ds in g.headers]
 
 

@@ -160,6 +160,7 @@ def centroid_mm(affine: np.ndarray, indices_ijk: np.ndarray) -> tuple[float, flo
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PetStats:
+    """PET statistics of one lesion region (TID 1500 measurements)."""
     voxel_count: int
     volume_ml: float
     suv_max: float | None
@@ -214,6 +215,7 @@ class LesionSet:
 
 
 def lesion_id(segment_number: int, component: int | None) -> str:
+    """The lesion's stable id in reports: segment number, plus component when split."""
     return f"S{segment_number}" if component is None else f"S{segment_number}C{component}"
 
 

@@ -41,7 +41,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -116,6 +116,7 @@ class SourceRegion:
 
     @property
     def voxel_count(self) -> int:
+        """Number of voxels in the region."""
         return int(np.count_nonzero(self.mask))
 
     def voxel_indices_ijk(self) -> np.ndarray:
@@ -143,11 +144,13 @@ class RegionMask:
 
     @property
     def slices(self) -> tuple[slice, slice, slice]:
+        """Index slices of the mask's bounding box in the full grid."""
         (k, j, i), (nk, nj, ni) = self.offset, self.mask.shape
         return (slice(k, k + nk), slice(j, j + nj), slice(i, i + ni))
 
     @property
     def voxel_count(self) -> int:
+        """Number of voxels in the region."""
         return int(np.count_nonzero(self.mask))
 
     def dense(self) -> np.ndarray:
@@ -158,6 +161,7 @@ class RegionMask:
         return out
 
     def voxel_indices_kji(self) -> np.ndarray:
+        """Full-grid (k, j, i) indices of the region's voxels."""
         return np.argwhere(self.mask) + np.asarray(self.offset)
 
 
@@ -267,7 +271,7 @@ class SegObject:
         self._fallback: _FallbackFrames | None = None
         self._labelmap: tuple[np.ndarray, np.ndarray, list] | None = None
         self._cache: dict[int, SourceRegion] = {}
-        self._frame_table: tuple[tuple[np.ndarray, np.ndarray] | None, object] | None = None
+        self._frame_table: tuple[tuple[np.ndarray, np.ndarray] | None, hd.VolumeGeometry | None] | None = None
         _check_frame_count(ds, self.sop_instance_uid)
         self.reader = "fallback" if reader == "fallback" else "highdicom"
         if reader != "fallback":
@@ -283,9 +287,11 @@ class SegObject:
     # -- descriptions ---------------------------------------------------------------
     @property
     def segment_numbers(self) -> tuple[int, ...]:
+        """The segment numbers the SEG defines."""
         return tuple(s.number for s in self.segments)
 
     def segment(self, number: int) -> SegmentInfo:
+        """The segment with ``number``; raises a SEG error for an unknown one."""
         for s in self.segments:
             if s.number == number:
                 return s
@@ -498,7 +504,7 @@ def _crop(number: int, component: int | None, mask: np.ndarray, affine: np.ndarr
 # ---------------------------------------------------------------------------------------
 # Fallback: Per-Frame / Shared Functional Groups parser (dicom-guide section 4)
 # ---------------------------------------------------------------------------------------
-def _fg(per_frame: Dataset | None, shared: Dataset | None, seq: str, attr: str) -> object | None:
+def _fg(per_frame: Dataset | None, shared: Dataset | None, seq: str, attr: str) -> Any:  # element value, any VR
     for group in (per_frame, shared):
         if group is None:
             continue
@@ -513,7 +519,7 @@ def _frame_table(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per = ds.PerFrameFunctionalGroupsSequence
     pos = np.array([[float(v) for v in p.PlanePositionSequence[0].ImagePositionPatient] for p in per])
-    nums = np.array([int(_fg(p, shared, "SegmentIdentificationSequence",  # type: ignore[call-overload]
+    nums = np.array([int(_fg(p, shared, "SegmentIdentificationSequence",
                                  "ReferencedSegmentNumber")) for p in per])
     return pos, nums
 
@@ -564,13 +570,13 @@ class _FallbackFrames:
             if ipp is None:
                 raise SegmentationError(f"SEG {uid}: frame {f + 1} has no Image Position (Patient)",
                                         code="seg_geometry")
-            pos.append([float(v) for v in ipp])  # type: ignore[union-attr]
+            pos.append([float(v) for v in ipp])
             if self.segmentation_type != "LABELMAP":
                 ref = _fg(p, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
                 if ref is None:
                     raise SegmentationError(f"SEG {uid}: frame {f + 1} has no Referenced Segment Number",
                                             code="seg_malformed")
-                seg_nums.append(int(ref))  # type: ignore[call-overload]
+                seg_nums.append(int(ref))
         self.positions = np.asarray(pos)
         self.segment_of_frame = np.asarray(seg_nums, dtype=np.int64)
         self.frames = self._decode(nf)
@@ -770,9 +776,9 @@ def _paste_aligned(mask: np.ndarray, aligned: tuple[list[int], list[int], np.nda
     start_kji = start[::-1]
     lo = [max(0, s) for s in start_kji]
     hi = [min(n, s + m) for s, m, n in zip(start_kji, arr_kji.shape, shape)]
-    if any(h <= l for l, h in zip(lo, hi)):
+    if any(h <= lo_i for lo_i, h in zip(lo, hi)):
         return np.zeros((0, 0, 0), bool), (0, 0, 0)
-    sub = arr_kji[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start_kji))]
+    sub = arr_kji[tuple(slice(lo_i - s, h - s) for lo_i, h, s in zip(lo, hi, start_kji))]
     return _tight(np.ascontiguousarray(sub), _shape3(tuple(lo)))
 
 

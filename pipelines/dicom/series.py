@@ -35,7 +35,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -108,12 +108,13 @@ class SliceRef:
 
     @property
     def source(self) -> tuple[str, int | None]:
+        """The (SOP Instance UID, frame) that TID 1500 image references cite."""
         return (self.sop_instance_uid, self.frame)
 
 
-def _floats(value: object, n: int, what: str, uid: str) -> np.ndarray:
+def _floats(value: Any, n: int, what: str, uid: str) -> np.ndarray:  # any header value; checked below
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise GeometryError(f"instance {uid}: {what} is missing or not numeric", code="missing_geometry") from exc
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
@@ -234,6 +235,7 @@ class StackGeometry:
 
     @property
     def median_gap_mm(self) -> float:
+        """The typical slice gap; NaN for a single slice."""
         return float(np.median(self.gaps_mm)) if len(self.gaps_mm) else float("nan")
 
     @property

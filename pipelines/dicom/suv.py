@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -264,6 +264,7 @@ class SuvConversion:
 
     @property
     def uniform(self) -> bool:
+        """Whether every slice has the same factor (then one factor describes the series)."""
         vals = list(self.factors.values())
         return bool(vals) and all(math.isclose(v, vals[0], rel_tol=1e-12) for v in vals)
 
@@ -508,7 +509,7 @@ def _kind_ratio(kind: SuvKind, s: _Series) -> float:
 def _stored_suv_to_bw(s: _Series) -> tuple[float, str]:
     """Factor from a stored SUV (Units GML/CM2ML, SUVType) back to SUVbw."""
     suv_type = s.suv_type or ("BSA" if s.units == "CM2ML" else "BW")
-    if s.units == "CM2ML" and suv_type != "BSA" or s.units == "GML" and suv_type == "BSA":
+    if (s.units == "CM2ML" and suv_type != "BSA") or (s.units == "GML" and suv_type == "BSA"):
         raise SuvError(f"Units {s.units} contradict SUVType {suv_type}", code="inconsistent_pet_headers")
     if suv_type == "BW":
         return 1.0, suv_type
@@ -526,7 +527,10 @@ def _stored_suv_to_bw(s: _Series) -> tuple[float, str]:
 
 
 def _check_corrections(headers: Sequence[Dataset], s: _Series) -> None:
-    corrected = {_text(v).upper() for v in (_get(headers[0], "CorrectedImage") or [])}
+    raw = _get(headers[0], "CorrectedImage")
+    # CS, VM 1-n (PS3.3 C.8.9.1): pydicom gives a str for one value, a MultiValue for several
+    values = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, Iterable) else []
+    corrected = {_text(v).upper() for v in values}
     if "ATTN" not in corrected:
         raise SuvError(
             f"CorrectedImage {sorted(corrected) or 'absent'} lacks ATTN: not attenuation corrected, not quantitative",
@@ -600,7 +604,7 @@ def _decay_factors(
             raise SuvError("DecayCorrection NONE in a multi-frame PET object is not supported",
                            code="unsupported_multiframe_decay")
         earliest: datetime | None = None
-        inj: datetime | None = None
+        inj = None
         for ds in headers:
             t = _acquisition_datetime(ds)
             afd = _float(_get(ds, "ActualFrameDuration"))
@@ -684,10 +688,10 @@ def _compute_suv(headers: Sequence[Dataset], kind: SuvKind) -> SuvConversion:
         for ds in headers
     ):
         for ds in headers:
-            f = _float(_private(ds, 0x7053, PHILIPS_PET_CREATOR, 0x00, allow_missing_creator=True))
-            assert f is not None
+            scale = _float(_private(ds, 0x7053, PHILIPS_PET_CREATOR, 0x00, allow_missing_creator=True))
+            assert scale is not None
             for key in _keys(ds):
-                bw[key] = f
+                bw[key] = scale
         how = "philips_suv_scale_factor"
         if not _has_private_creator(headers[0], 0x7053, PHILIPS_PET_CREATOR):
             s.flags.append(Flag("private_creator_missing",

@@ -26,6 +26,7 @@ from pipelines.errors import GeometryError
 
 @dataclass
 class Volume:
+    """A 3-D image in patient LPS: voxel array (k, j, i) plus the index-to-LPS affine."""
     array: np.ndarray
     affine: np.ndarray
     frame_of_reference_uid: str = ""
@@ -44,6 +45,7 @@ class Volume:
     # -- geometry -----------------------------------------------------------------
     @property
     def shape_ijk(self) -> tuple[int, int, int]:
+        """The shape in ITK order (i, j, k)."""
         k, j, i = self.array.shape
         return (i, j, k)
 
@@ -54,6 +56,7 @@ class Volume:
 
     @property
     def origin(self) -> tuple[float, float, float]:
+        """LPS position of the first voxel's centre."""
         return tuple(float(v) for v in self.affine[:3, 3])  # type: ignore[return-value]
 
     @property
@@ -64,9 +67,11 @@ class Volume:
 
     @property
     def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm³."""
         return float(abs(np.linalg.det(self.affine[:3, :3])))
 
     def is_orthogonal(self, tol: float = 1e-3) -> bool:
+        """Whether the axes are orthogonal (no gantry tilt), as ITK images require."""
         d = self.direction
         return bool(np.allclose(d.T @ d, np.eye(3), atol=tol))
 
@@ -76,12 +81,14 @@ class Volume:
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def lps_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """Continuous (i, j, k) indices of LPS points."""
         xyz = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
         inv = np.linalg.inv(self.affine)
         return xyz @ inv[:3, :3].T + inv[:3, 3]
 
     # -- conversion ---------------------------------------------------------------
     def to_sitk(self) -> sitk.Image:
+        """The volume as a SimpleITK image; a sheared geometry raises (ITK cannot represent it)."""
         if not self.is_orthogonal():
             raise GeometryError(
                 "volume has a sheared geometry (gantry tilt) and cannot be represented as an ITK image",
@@ -95,6 +102,7 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, img: sitk.Image, **meta: object) -> Volume:
+        """A volume from a SimpleITK image, with extra metadata fields."""
         arr = sitk.GetArrayFromImage(img)
         d = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)
         aff = np.eye(4)

@@ -1,6 +1,6 @@
 """Safe loading of HCL-AL ``params.pth`` checkpoints (plain and "uAI_model" encrypted).
 
-HCL-AL (``md_clip3d``) saves one ``torch.save`` dict per stage (hcl-al-compat.md §12):
+HCL-AL (``md_clip3d``) saves one ``torch.save`` dict per stage (HCL-AL, Gao et al. 2025):
 ``net`` (architecture name), ``state_dict`` (DataParallel, ``module.`` prefix), and the
 preprocessing the network was trained with: ``spacing``, ``crop_size``,
 ``crop_normalizers``, ``interpolation``, ``input_channel``, ``lesion_idx``, ``max_stride``,
@@ -60,6 +60,7 @@ class Normalizer:
     clip: bool
 
     def to_json(self) -> dict[str, Any]:
+        """The normalizer in HCL-AL's ``params.pth`` JSON form."""
         return {"type": 0, "mean": self.mean, "stddev": self.stddev, "clip": self.clip}
 
 
@@ -77,6 +78,7 @@ class Preprocessing:
     sample_method: str
 
     def to_json(self) -> dict[str, Any]:
+        """The preprocessing in HCL-AL's JSON form."""
         return {
             "spacing": list(self.spacing),
             "crop_size": list(self.crop_size),
@@ -108,6 +110,7 @@ class HclalCheckpoint:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of bytes (model ids and reports pin weights by it)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -142,6 +145,7 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def is_encrypted(data: bytes) -> bool:
+    """Whether a checkpoint is in the encrypted release format (refused: no key ships)."""
     return data[: len(UAI_TAG)] == UAI_TAG
 
 
@@ -192,7 +196,7 @@ def _triple(value: Any, name: str, kind: type) -> tuple[Any, Any, Any]:
         raise ModelError(f"checkpoint field '{name}' is not a list of numbers: {value!r}", code="checkpoint_metadata") from exc
     if len(items) != 3:
         raise ModelError(f"checkpoint field '{name}' must have 3 values (x, y, z), got {value!r}", code="checkpoint_metadata")
-    return items  # type: ignore[return-value]
+    return items
 
 
 def parse_preprocessing(state: Mapping[str, Any]) -> Preprocessing:

@@ -1,6 +1,6 @@
 """Registry of model weights, pinned by hash, with the preprocessing they were trained with.
 
-Every result Locus writes names the exact files that produced it (style.md lesson 8): a
+Every result Locus writes names the exact files that produced it (docs/design.md D5): a
 :class:`LocalizerSpec` holds the path and SHA-256 of both HCL-AL checkpoints and of the
 vocabulary/description JSON pair, the architecture names, the preprocessing read from each
 checkpoint and Locus's implementation version.  :meth:`LocalizerSpec.model_info` condenses
@@ -30,6 +30,7 @@ LOCALIZER_NAME = "HCL-AL-compatible hierarchical CLIP lesion localizer"
 
 @dataclass(frozen=True)
 class PinnedFile:
+    """A model file with the SHA-256 it must have."""
     path: str
     sha256: str = ""  # empty: not pinned (computed and recorded at load)
 
@@ -74,9 +75,11 @@ class LocalizerSpec:
 
     @property
     def library_sha256(self) -> str:
+        """One hash of the vocabulary and descriptions, recorded in reports."""
         return hashlib.sha256(f"{self.vocabulary.sha256}\n{self.descriptions.sha256}\n".encode()).hexdigest()
 
     def model_info(self) -> ModelInfo:
+        """The model as reports name it."""
         return ModelInfo(
             model_id=self.model_id,
             name=LOCALIZER_NAME,
@@ -86,6 +89,7 @@ class LocalizerSpec:
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The spec as registry JSON."""
         return {
             "model_id": self.model_id,
             "coarse": {"path": self.coarse.path, "sha256": self.coarse.sha256},
@@ -100,6 +104,7 @@ class LocalizerSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], base_dir: Path | None = None) -> LocalizerSpec:
+        """A spec from registry JSON, with relative paths resolved against ``base_dir``."""
         def pinned(key: str) -> PinnedFile:
             entry = data[key]
             path = Path(entry["path"])
@@ -114,10 +119,10 @@ class LocalizerSpec:
                 fine=pinned("fine"),
                 vocabulary=pinned("vocabulary"),
                 descriptions=pinned("descriptions"),
-                nets=tuple(data.get("nets", ("", ""))),  # type: ignore[arg-type]
+                nets=tuple(data.get("nets", ("", ""))),
                 preprocessing=dict(data.get("preprocessing", {})),
                 implementation=str(data.get("implementation", LOCALIZER_IMPLEMENTATION)),
-                weights_content=tuple(data.get("weights_content_sha256", ("", ""))),  # type: ignore[arg-type]
+                weights_content=tuple(data.get("weights_content_sha256", ("", ""))),
             )
         except (KeyError, TypeError) as exc:
             raise ModelError(f"malformed localizer registry entry: missing {exc}", code="registry_invalid") from exc
@@ -140,17 +145,19 @@ class ModelRegistry:
             self.register(spec)
 
     def register(self, spec: LocalizerSpec) -> None:
+        """Add a spec; a second, different spec under the same id is refused."""
         if spec.model_id in self._specs and self._specs[spec.model_id] != spec:
             raise ModelError(f"model_id {spec.model_id!r} registered twice with different files", code="registry_invalid")
         self._specs[spec.model_id] = spec
 
     def get(self, model_id: str) -> LocalizerSpec:
+        """The spec of ``model_id``; raises a model error naming the known ids."""
         try:
             return self._specs[model_id]
         except KeyError:
             raise ModelError(f"no model registered as {model_id!r}", code="model_unknown") from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self._specs.values())
 
     def __len__(self) -> int:
@@ -158,6 +165,7 @@ class ModelRegistry:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelRegistry:
+        """A registry from its JSON file; a bad file raises a model error."""
         p = Path(path)
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -166,4 +174,5 @@ class ModelRegistry:
         return cls(LocalizerSpec.from_json(entry, p.parent) for entry in data.get("models", []))
 
     def to_file(self, path: str | Path) -> None:
+        """Write the registry as JSON."""
         Path(path).write_text(json.dumps({"models": [s.to_json() for s in self]}, indent=2), encoding="utf-8")

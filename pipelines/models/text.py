@@ -1,6 +1,6 @@
 """OpenAI-CLIP text towers built from open_clip, and the tokenizer that feeds them.
 
-HCL-AL's ``TextEncoder`` is the OpenAI CLIP ViT-B/32 text transformer (hcl-al-compat.md §7):
+HCL-AL's ``TextEncoder`` is the OpenAI CLIP ViT-B/32 text transformer (HCL-AL, Gao et al. 2025):
 causal mask, QuickGELU, LayerNorm in fp32, EOT pooling by ``argmax`` of the token ids, and
 ``text_projection`` as a bare ``(width, embed_dim)`` matrix.  open_clip's
 :class:`~open_clip.transformer.TextTransformer` with ``act_layer=QuickGELU``,
@@ -42,6 +42,7 @@ _RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
 
 @dataclass(frozen=True)
 class TextTowerConfig:
+    """The architecture of a CLIP text tower."""
     width: int
     layers: int
     heads: int
@@ -104,7 +105,7 @@ def load_text_tower(sd: Mapping[str, torch.Tensor], heads: int | None = None) ->
 
 
 @functools.lru_cache(maxsize=1)
-def _open_clip_tokenizer():  # type: ignore[no-untyped-def]
+def _open_clip_tokenizer():
     import open_clip
 
     return open_clip.get_tokenizer(OPEN_CLIP_MODEL)

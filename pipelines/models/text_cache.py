@@ -1,7 +1,7 @@
 """On-disk cache of candidate-text features, so a localizer starts in seconds, not a minute.
 
 Why: HCL-AL scores every lesion against fixed candidate texts (124 coarse and 203 fine
-descriptions, hcl-al-compat.md §12 step 7).  Encoding them through two 63 M-parameter CLIP
+descriptions, as the HCL-AL reference code does).  Encoding them through two 63 M-parameter CLIP
 text towers dominates the start-up of a full-size localizer on a CPU host, yet the result
 only changes when the tower weights or the texts change.  The reference code re-encodes
 them per lesion (bug B14); Locus encodes them once per process and, with this cache, once

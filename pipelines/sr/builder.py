@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import highdicom as hd
+import pydicom.multival
+import pydicom.sequence
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -77,10 +79,9 @@ from highdicom.sr import (
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
-import pydicom.multival
-import pydicom.sequence
 from pydicom import Dataset
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
 
 from pipelines.errors import ReportError
 from pipelines.findings import (
@@ -216,6 +217,7 @@ def build_measurement_report(
     pred = _predecessor(predecessor)
     contributing = _contributing_models(models, lesions, study_encoding)
     resolved_device = _resolve_device(device, contributing, uid_prefix)
+    assert resolved_device.uid is not None  # _resolve_device always fills it
 
     groups: list[
         VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
@@ -866,20 +868,20 @@ def _pin_creation_time(sr: Comprehensive3DSR, when: datetime.datetime) -> None:
 
     The acquisition-equipment item copied from the source image keeps its own time.
     """
-    sr.InstanceCreationDate = when.strftime("%Y%m%d")
-    sr.InstanceCreationTime = when.strftime("%H%M%S.%f")
+    sr.InstanceCreationDate = DA(when.strftime("%Y%m%d"))
+    sr.InstanceCreationTime = TM(when.strftime("%H%M%S.%f"))
     for item in sr.get("ContributingEquipmentSequence", []):
         if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
             item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
 
 
 __all__ = [
-    "AlgorithmIdentity",
     "DEFAULT_SERIES_DESCRIPTION",
     "DEFAULT_SERIES_NUMBER",
+    "REPORT_LAYOUT_VERSION",
+    "AlgorithmIdentity",
     "DeviceIdentity",
     "PredecessorReference",
-    "REPORT_LAYOUT_VERSION",
     "build_measurement_report",
     "format_alternative",
 ]

@@ -230,6 +230,7 @@ def zero_shot_finding_code(finding: str) -> Code:
 
 
 def is_zero_shot_finding_code(code: Code | CodedConcept) -> bool:
+    """Whether a code is one of Locus's zero-shot finding codes (its private scheme and prefix)."""
     return (
         code.scheme_designator == LOCUS_SCHEME
         and code.value.startswith(ZERO_SHOT_PREFIX)

@@ -68,6 +68,7 @@ class ReadMeasurement:
 
 @dataclass(frozen=True)
 class ReadFindingSite:
+    """A lesion's finding site as read from the SR."""
     location: CodedValue
     laterality: CodedValue | None = None
     modifier: CodedValue | None = None
@@ -94,6 +95,7 @@ class ReadAlgorithm:
 
 @dataclass(frozen=True)
 class ReadSegmentReference:
+    """The SEG segment a lesion's measurements were made on."""
     sop_class_uid: str
     sop_instance_uid: str
     segment_number: int
@@ -157,14 +159,17 @@ class ReadLesion:
 
     @property
     def suv_max(self) -> float | None:
+        """SUVmax, or None when the SR has none."""
         return self._pet(codes.DERIVATION_MAX)
 
     @property
     def suv_mean(self) -> float | None:
+        """SUVmean, or None when the SR has none."""
         return self._pet(codes.DERIVATION_MEAN)
 
     @property
     def suv_peak(self) -> float | None:
+        """SUVpeak, or None when the SR has none."""
         return self._pet(codes.DERIVATION_PEAK)
 
     def _value(self, name: Code, derivation: Code | None = None) -> float | None:
@@ -188,14 +193,17 @@ class ReadLesion:
 
     @property
     def metabolic_volume_ml(self) -> float | None:
+        """Metabolic volume in ml, or None."""
         return self._volume_ml(codes.METABOLIC_VOLUME)
 
     @property
     def tlg(self) -> float | None:
+        """Total lesion glycolysis, or None."""
         return self._value(codes.TOTAL_LESION_GLYCOLYSIS)
 
     @property
     def ct_mean_hu(self) -> float | None:
+        """Mean CT attenuation in HU, or None."""
         return self._value(codes.ATTENUATION_COEFFICIENT, codes.DERIVATION_MEAN)
 
     @property
@@ -209,6 +217,7 @@ class ReadLesion:
 
 @dataclass(frozen=True)
 class ReadZeroShotFinding:
+    """One zero-shot finding as read from the SR."""
     finding: str
     score: float
     threshold: float | None
@@ -228,6 +237,7 @@ class ReadStudyFindings:
 
 @dataclass(frozen=True)
 class ReadDevice:
+    """The device observer an SR names (which software wrote it)."""
     uid: str
     name: str | None
     manufacturer: str | None
@@ -257,6 +267,7 @@ class ReadReport:
     preliminary_flag: str | None
 
     def lesion_by_tracking_uid(self, uid: str) -> ReadLesion | None:
+        """The lesion with this Tracking UID, or None."""
         for lesion in self.lesions:
             if lesion.tracking_uid == uid:
                 return lesion
@@ -599,6 +610,7 @@ def _devices(report: MeasurementReport) -> tuple[ReadDevice, ...]:
     out = []
     for context in report.get_observer_contexts(observer_type=codes.OBSERVER_TYPE_DEVICE):
         attrs = context.observer_identifying_attributes
+        assert isinstance(attrs, hd.sr.DeviceObserverIdentifyingAttributes)  # selected by observer type above
         out.append(ReadDevice(
             uid=str(attrs.uid),
             name=attrs.name,

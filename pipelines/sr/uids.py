@@ -36,8 +36,9 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydicom.uid import RE_VALID_UID, UID, generate_uid
+from pydicom.uid import UID, generate_uid
 
+from pipelines.dicom import uid as _uid
 from pipelines.findings import ModelInfo
 
 LOCUS_UID_NAMESPACE = uuid.UUID("5a0c1f7e-8c55-5d53-9b7e-6c6f63757331")
@@ -71,8 +72,8 @@ def _canonical(value: Any) -> Any:
 
 
 def is_valid_uid(value: str) -> bool:
-    """PS3.5 9.1: dot-separated decimal components without leading zeros, at most 64 characters."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and RE_VALID_UID.match(value) is not None
+    """Whether a UID Locus writes is valid: :func:`pipelines.dicom.uid.is_valid_uid`, strict."""
+    return _uid.is_valid_uid(value)
 
 
 def canonical_json(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 Not a test (no timing assertions). It generates N synthetic CT instances (512×512,
 16-bit, Explicit VR Little Endian, ~0.5 MB each), then sends them with Debian dcmtk's
-``storescu`` (``TCP_NODELAY=1``, dicom-guide.md P11) to three receivers on this machine,
+``storescu`` (``TCP_NODELAY=1``: Nagle's algorithm, RFC 896, off) to three receivers on this machine,
 one after another, first over one association and then over four parallel ones:
 
 * Locus: the real listener (``node.listener.server.start_listener``) in its own

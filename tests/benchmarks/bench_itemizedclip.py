@@ -31,6 +31,7 @@ the token count (both scale about linearly in it; slice windows are fixed at 14 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -50,9 +51,8 @@ KS = (16, 64)
 
 
 def _build(tmp: Path, device: str):  # type: ignore[no-untyped-def]
-    from tests.pipelines.itemizedclip.conftest import write_text_dir
-
     from pipelines.models.itemizedclip import model as im
+    from tests.pipelines.itemizedclip.conftest import write_text_dir
 
     text = write_text_dir(tmp / "text", {"findings", "consistent", "with"})
     ckpt = tmp / "itemized.pt"
@@ -99,10 +99,8 @@ def child(args: argparse.Namespace) -> None:
     queries = {k: torch.randn(k, 512, device=args.device) for k in KS}
     fn = _runners(model, x, queries)[args.child]
     gc.collect()
-    try:  # hand freed heap back to the OS so the baseline is what is really in use
+    with contextlib.suppress(OSError):  # hand freed heap back to the OS so the baseline is what is really in use
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -165,7 +163,7 @@ def main() -> None:
         runners = _runners(model, x, queries)
         times: dict[str, list[float]] = {name: [] for name in runners}
         with torch.inference_mode():
-            for name, fn in runners.items():  # warm-up
+            for fn in runners.values():  # warm-up
                 fn()
             for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit every variant
                 for name, fn in runners.items():

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipelines.models.localizer import Localizer  # noqa: E402
-from pipelines.models.text_cache import TextFeatureCache  # noqa: E402
-from tests.benchmarks.bench_localizer import random_checkpoint, synthetic_vocabulary  # noqa: E402
+from pipelines.models.localizer import Localizer
+from pipelines.models.text_cache import TextFeatureCache
+from tests.benchmarks.bench_localizer import random_checkpoint, synthetic_vocabulary
 
 
 def _write_release(root: Path, seed: int) -> tuple[Path, Path, Path, Path]:

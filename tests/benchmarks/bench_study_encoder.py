@@ -55,9 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tests.pipelines.study_encoder.conftest import write_text_dir
-
     from pipelines.models.study_encoder import model as hm
+    from tests.pipelines.study_encoder.conftest import write_text_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         text = write_text_dir(Path(tmp) / "text", {"the", "volume", "shows", "not", ":", "."})

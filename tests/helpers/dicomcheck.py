@@ -1,7 +1,8 @@
-"""Validators every written DICOM object goes through in tests (dicom-guide.md section 8).
+"""Validators every written DICOM object goes through in tests (PS3.3 IOD rules checked by
+dciodvfy and highdicom).
 
-Besides dciodvfy, every SR is scanned for server paths (issue 12, defect 6): reports go to
-the PACS and name instances by UID only, so no text value may hold a file-system path.
+Besides dciodvfy, every SR is scanned for server paths: reports go to the PACS and name
+instances by UID only, so no text value may hold a file-system path.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def orthanc(tmp: Path, dicom_port: int, http_port: int, locus_port: int, **extra
 
 def _get(base: str, path: str) -> Any:
     try:
-        with urllib.request.urlopen(base + path, timeout=10) as r:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(base + path, timeout=10) as r:
             body = r.read()
     except OSError:
         return None
@@ -239,7 +239,7 @@ def _get(base: str, path: str) -> Any:
 
 def _post(base: str, path: str, data: bytes, content_type: str = "application/dicom") -> Any:
     req = urllib.request.Request(base + path, data=data, headers={"Content-Type": content_type}, method="POST")
-    with urllib.request.urlopen(req, timeout=300) as r:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())
 
 

@@ -10,8 +10,9 @@ visibility timeout of an hour, so the broker's redelivery cannot be what recover
 RabbitMQ (127.0.0.1:5672, which redelivers at once to a worker that then finds the lease
 still held and skips it).
 
-The first worker runs with the test hook ``LOCUS_TEST_PAUSE_AFTER_CLAIM``
-(node.tasks.testhooks): the real task claims the study version, its heartbeat renews the
+The first worker is started through ``python -m tests.helpers.paused_worker``, which adds a
+pause after the claim (tests/helpers/pause_after_claim.py, set by ``LOCUS_TEST_PAUSE_AFTER_CLAIM``)
+without any hook in the shipped code: the real task claims the study version, its heartbeat renews the
 lease, and the test kills the process with SIGKILL. The renewals stop, the lease expires
 after ``analysis.lease_s``, the sweeper reclaims it (audit ``lease_expired``) and enqueues
 the version again; the second worker claims it (attempt 2) and finishes.
@@ -43,9 +44,11 @@ from sqlalchemy import select
 from node.db.models import Analysis, AuditEvent, Export, Report, StudyVersion
 from node.service import RunningNode, start_node
 from node.settings import LocusSettings
-from node.tasks.testhooks import PAUSE_AFTER_CLAIM_ENV
 from tests.conftest import dcmtk, dcmtk_env, free_port
+from tests.helpers.pause_after_claim import PAUSE_AFTER_CLAIM_ENV
 from tests.integration.test_node_end_to_end import study_files, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -120,7 +123,7 @@ def _purge(url: str) -> None:
         for queue in ("gpu", "io"):
             try:
                 conn.default_channel.queue_purge(queue)
-            except Exception:  # noqa: BLE001 - a queue that does not exist yet
+            except Exception:
                 conn.close()
                 conn.connect()
 
@@ -184,11 +187,14 @@ def _storescp(out_dir: Path, port: int) -> Iterator[Path]:
 
 
 @contextmanager
-def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _worker(env: dict[str, str], log: Path, *, paused: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    # paused: started through the test-only launcher that adds the pause after the claim
+    command = ([sys.executable, "-m", "tests.helpers.paused_worker"] if paused
+               else [str(Path(sys.executable).parent / "locus")])
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "locus"), "worker", "--queues", "gpu"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            [*command, "worker", "--queues", "gpu"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     try:
         yield proc
@@ -252,7 +258,7 @@ def _kill_and_recover(tmp_path: Path, broker: dict[str, Any]) -> None:
             assert _instance_counts(node) == [len(files)]  # one version holding the whole send
 
             # Worker 1 claims the version inside the real task and is killed there.
-            with _worker(_worker_env(values, **{PAUSE_AFTER_CLAIM_ENV: str(hook_dir)}), logs[0]) as first:
+            with _worker(_worker_env(values, **{PAUSE_AFTER_CLAIM_ENV: str(hook_dir)}), logs[0], paused=True) as first:
                 marker = wait_for(lambda: sorted(hook_dir.glob(f"claimed-{vid}-*")), 90, "the claim", logs)
                 assert marker[0].name == f"claimed-{vid}-{first.pid}"
                 time.sleep(RENEW_S * 2)  # alive and renewing: the sweeper leaves the version alone

@@ -2,7 +2,7 @@
 
 The SR is built directly with highdicom (the production builder lives in pipelines/sr) around a
 real single-segment SEG from the highdicom test files, using the single-segment workaround of
-dicom-guide.md section 2.6.
+PS3.16 TID 1419.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def finding_site(site: Site) -> list[hd.sr.FindingSite]:
 def _referenced_segment(seg: hd.seg.Segmentation, number: int) -> hd.sr.ReferencedSegment:
     try:
         return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
-    except AttributeError:  # single-segment SEG (dicom-guide.md P1)
+    except AttributeError:  # single-segment SEG (PS3.3 §C.8.20.2)
         return hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,

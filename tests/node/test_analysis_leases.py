@@ -28,7 +28,8 @@ from node.db import Database, repo
 from node.db.models import Analysis, AuditEvent, Report, Study, StudyVersion
 from node.settings import LocusSettings
 from node.tasks.context import build_context
-from node.tasks.testhooks import PAUSE_AFTER_CLAIM_ENV
+from tests.helpers import pause_after_claim
+from tests.helpers.pause_after_claim import PAUSE_AFTER_CLAIM_ENV
 from tests.helpers.polling import wait_until
 from tests.node.review_export_helpers import ingest_and_analyse
 from tests.node.test_db import T0, analysis_result, audit_kinds, rec, received_version
@@ -310,6 +311,7 @@ def test_unwritable_reports_directory_fails_the_version_with_an_audit_row(tmp_pa
 
 
 def _run_paused(ctx, vid: int, hook: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, list[str]]:  # type: ignore[no-untyped-def]
+    pause_after_claim.install(monkeypatch)
     monkeypatch.setenv(PAUSE_AFTER_CLAIM_ENV, str(hook))
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(jobs.run_analysis(ctx, vid)), daemon=True)

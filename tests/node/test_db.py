@@ -222,19 +222,18 @@ def test_readonly_session_does_not_block_writers(database: Database) -> None:
 
 
 def test_foreign_keys_are_enforced(database: Database) -> None:
-    with pytest.raises(IntegrityError):
-        with database.session() as s:
-            s.add(
-                Series(
-                    study_id=999_999,
-                    series_uid="1.2.3",
-                    modality="CT",
-                    sop_class_uid=CT_IMAGE,
-                    instance_count=0,
-                    first_received_at=T0,
-                    last_received_at=T0,
-                )
+    with pytest.raises(IntegrityError), database.session() as s:
+        s.add(
+            Series(
+                study_id=999_999,
+                series_uid="1.2.3",
+                modality="CT",
+                sop_class_uid=CT_IMAGE,
+                instance_count=0,
+                first_received_at=T0,
+                last_received_at=T0,
             )
+        )
 
 
 # ----------------------------------------------------------------- receiving
@@ -282,13 +281,11 @@ def test_out_of_order_times_never_move_last_received_back(database: Database) ->
 def test_uid_conflicts_are_input_errors(database: Database) -> None:
     with database.session() as s:
         repo.record_instance(s, rec("1.2.3.1"), T0)
-    with pytest.raises(InputError) as err:
-        with database.session() as s:
-            repo.record_instance(s, rec("1.2.3.9", study="9.9.9"), T0)  # same series, other study
+    with pytest.raises(InputError) as err, database.session() as s:
+        repo.record_instance(s, rec("1.2.3.9", study="9.9.9"), T0)  # same series, other study
     assert err.value.code == "uid_conflict"
-    with pytest.raises(InputError) as err:
-        with database.session() as s:
-            repo.record_instance(s, rec("1.2.3.1", series="1.2.3.99"), T0)  # same SOP, other series
+    with pytest.raises(InputError) as err, database.session() as s:
+        repo.record_instance(s, rec("1.2.3.1", series="1.2.3.99"), T0)  # same SOP, other series
     assert err.value.code == "uid_conflict"
     with database.session() as s:
         assert s.scalar(select(func.count(Study.id))) == 1  # the conflicting study was rolled back
@@ -329,12 +326,11 @@ def test_rejection_is_audited(database: Database) -> None:
 
 
 def test_audit_event_rolls_back_with_its_state_change(database: Database) -> None:
-    with pytest.raises(IntegrityError):
-        with database.session() as s:
-            repo.record_instance(s, rec("1.2.3.1"), T0)
-            # A second study row with the same UID: the flush fails inside the same unit of work.
-            s.add(Study(study_uid=STUDY, status="receiving", first_received_at=T0, last_received_at=T0))
-            s.flush()
+    with pytest.raises(IntegrityError), database.session() as s:
+        repo.record_instance(s, rec("1.2.3.1"), T0)
+        # A second study row with the same UID: the flush fails inside the same unit of work.
+        s.add(Study(study_uid=STUDY, status="receiving", first_received_at=T0, last_received_at=T0))
+        s.flush()
     with database.session() as s:
         assert s.scalar(select(func.count(Instance.id))) == 0
         assert s.scalar(select(func.count(Study.id))) == 0
@@ -412,10 +408,9 @@ def test_lesion_rows_follow_the_findings_contract(database: Database) -> None:
         assert row.bbox == {"center_mm": [10.0, -20.0, 30.0], "size_mm": [15.0, 15.0, 15.0]}
         assert row.localization is not None and row.localization["alternatives"][1]["label"] == "stomach"
         assert row.flags == [{"code": "suv_peak_partial", "message": "sphere clipped at the volume edge"}]
-    with pytest.raises(ValueError, match="Lesion JSON"):
-        with database.session() as s:
-            vid2 = s.scalar(select(StudyVersion.id))
-            repo.store_analysis_result(s, vid2, {}, [{"lesion_id": "X"}], None, T0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Lesion JSON"), database.session() as s:
+        vid2 = s.scalar(select(StudyVersion.id))
+        repo.store_analysis_result(s, vid2, {}, [{"lesion_id": "X"}], None, T0)  # type: ignore[arg-type]
 
 
 def test_fail_analysis_records_reason(database: Database) -> None:
@@ -497,7 +492,7 @@ def test_instances_for_version_and_previous_report(database: Database) -> None:
         v2 = repo.instances_for_version(s, vid2)
         assert [i.sop_uid for i in v1] == [f"{CT_SERIES}.1", f"{CT_SERIES}.2"]
         assert [i.sop_uid for i in v2] == [f"{CT_SERIES}.1", f"{CT_SERIES}.2", f"{CT_SERIES}.3"]
-        path, sop, series, modality = v2[2]
+        path, _sop, series, modality = v2[2]
         assert (path, series, modality) == (f"{STUDY}/{CT_SERIES}/{CT_SERIES}.3.dcm", CT_SERIES, "CT")
         info1, info2 = repo.get_version(s, vid1), repo.get_version(s, vid2)
         assert (info1.version, info2.version, info2.instance_count) == (1, 2, 3)

@@ -309,7 +309,7 @@ def test_fresh_copy_has_new_uids_everywhere_and_is_valid(tmp_path: Path) -> None
         assert ds.StudyInstanceUID == study_uid
         new_sops.add(str(ds.SOPInstanceUID))
         seen: list[str] = []
-        ds.walk(lambda _d, e: seen.extend([str(v) for v in (e.value if e.VM > 1 else [e.value])])
+        ds.walk(lambda _d, e, seen=seen: seen.extend([str(v) for v in (e.value if e.VM > 1 else [e.value])])
                 if e.VR == "UI" and e.value else None)
         assert not old & set(seen), p
     seg = [dcmread(p) for p in copies if dcmread(p, stop_before_pixels=True).Modality == "SEG"]

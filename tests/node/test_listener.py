@@ -2,6 +2,11 @@
 
 Each test starts the real SCP on a free port with a real SQLite results database and a
 spool in tmp_path, sends real C-STOREs, and checks the answer, the spool and the index.
+
+The whole module runs twice: with Locus's event-driven receive path (which reaches into
+pynetdicom's private API, node.listener.transport/acceptor) and with
+``dicom.event_driven_associations = false`` (pynetdicom's own association loop), so an
+upgrade that breaks the private API can fall back to a listener known to work.
 """
 
 from __future__ import annotations
@@ -70,7 +75,19 @@ def spool(tmp_path: Path) -> LocalSpool:
     return LocalSpool(tmp_path / "spool")
 
 
+_MODE = {"event_driven": True}
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["event-driven", "pynetdicom-loop"])
+def association_loop(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Every listener this module starts uses the parametrized association loop."""
+    _MODE["event_driven"] = bool(request.param)
+    yield _MODE["event_driven"]
+    _MODE["event_driven"] = True
+
+
 def _start(db: Database, spool: LocalSpool, **overrides: object) -> ListenerServer:
+    overrides.setdefault("event_driven", _MODE["event_driven"])
     cfg = ListenerConfig(
         ae_title="LOCUS",
         host="127.0.0.1",
@@ -169,6 +186,10 @@ def _write_part10(ds: Dataset, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ verification
+
+
+def test_listener_runs_the_parametrized_association_loop(listener: ListenerServer, association_loop: bool) -> None:
+    assert getattr(listener.server, "locus_event_driven", None) is association_loop
 
 
 def test_echo_with_dcmtk_and_pynetdicom(listener: ListenerServer) -> None:

@@ -233,7 +233,7 @@ def _send_when_listening(source: Path, peer: Peer) -> Any:
         try:
             return send_instance(source, peer, timeout=5)
         except TransientError as exc:
-            if time.monotonic() > deadline or "TLS" in str(exc) and "cannot connect" not in str(exc):
+            if time.monotonic() > deadline or ("TLS" in str(exc) and "cannot connect" not in str(exc)):
                 raise
             time.sleep(0.2)
 

@@ -42,7 +42,7 @@ def command_paths(usage: str) -> list[list[str]]:
         words.append(token)
     paths: list[list[str]] = [[]]
     for w in words:
-        paths = [p + [alt] for p in paths for alt in w.split("|")]
+        paths = [[*p, alt] for p in paths for alt in w.split("|")]
     return paths
 
 

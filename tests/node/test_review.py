@@ -120,35 +120,29 @@ def test_confirm_correct_keep_history_latest_wins_and_audit(database: Database) 
 
 def test_unknown_site_and_region_are_refused_without_a_trace(database: Database) -> None:
     store(database, received_version(database), "1.2.9.1")
-    with pytest.raises(ReviewError, match="unknown anatomical site id 'liver_s9'") as exc:
-        with database.session() as s:
-            correct_location(s, STUDY, "S2", "liver_s9", reviewer="Dr Ada", now=T1, library=LIB)
+    with pytest.raises(ReviewError, match="unknown anatomical site id 'liver_s9'") as exc, database.session() as s:
+        correct_location(s, STUDY, "S2", "liver_s9", reviewer="Dr Ada", now=T1, library=LIB)
     assert exc.value.code == "unknown_site"
-    with pytest.raises(ReviewError, match="whole body region") as exc:
-        with database.session() as s:
-            correct_location(s, STUDY, "S2", "head", reviewer="Dr Ada", now=T1, library=LIB)
+    with pytest.raises(ReviewError, match="whole body region") as exc, database.session() as s:
+        correct_location(s, STUDY, "S2", "head", reviewer="Dr Ada", now=T1, library=LIB)
     assert exc.value.code == "site_too_coarse"
-    with pytest.raises(ReviewError) as exc:
-        with database.session() as s:
-            confirm_location(s, STUDY, "S2", reviewer="  ", now=T1, library=LIB)
+    with pytest.raises(ReviewError) as exc, database.session() as s:
+        confirm_location(s, STUDY, "S2", reviewer="  ", now=T1, library=LIB)
     assert exc.value.code == "reviewer_missing"
     assert review_count(database) == 0 and review_audits(database) == []
 
 
 def test_unknown_study_lesion_and_unanalysed_study(database: Database) -> None:
     vid = received_version(database)
-    with pytest.raises(ReviewError, match="has no successful analysis yet") as exc:
-        with database.session() as s:
-            confirm_location(s, STUDY, "S1", reviewer="Dr Ada", now=T1, library=LIB)
+    with pytest.raises(ReviewError, match="has no successful analysis yet") as exc, database.session() as s:
+        confirm_location(s, STUDY, "S1", reviewer="Dr Ada", now=T1, library=LIB)
     assert exc.value.code == "not_analysed"
     store(database, vid, "1.2.9.1")
-    with pytest.raises(ReviewError, match=r"has no lesion 'S7' \(lesions: S1, S2\)") as exc:
-        with database.session() as s:
-            confirm_location(s, STUDY, "S7", reviewer="Dr Ada", now=T1, library=LIB)
+    with pytest.raises(ReviewError, match=r"has no lesion 'S7' \(lesions: S1, S2\)") as exc, database.session() as s:
+        confirm_location(s, STUDY, "S7", reviewer="Dr Ada", now=T1, library=LIB)
     assert exc.value.code == "unknown_lesion"
-    with pytest.raises(ReviewError, match="no study with Study Instance UID 9.9.9") as exc:
-        with database.session() as s:
-            confirm_location(s, "9.9.9", "S1", reviewer="Dr Ada", now=T1, library=LIB)
+    with pytest.raises(ReviewError, match=r"no study with Study Instance UID 9\.9\.9") as exc, database.session() as s:
+        confirm_location(s, "9.9.9", "S1", reviewer="Dr Ada", now=T1, library=LIB)
     assert exc.value.code == "unknown_study"
 
 
@@ -160,9 +154,8 @@ def test_nothing_to_confirm_without_a_prediction(database: Database) -> None:
     with database.session() as s:
         assert repo.claim_analysis(s, vid, T0 + timedelta(minutes=3))
         repo.store_analysis_result(s, vid, payload, payload["lesions"], None, T0 + timedelta(minutes=4))
-    with pytest.raises(ReviewError, match="has no location to confirm") as exc:
-        with database.session() as s:
-            confirm_location(s, STUDY, "S1", reviewer="Dr Ada", now=T1, library=LIB)
+    with pytest.raises(ReviewError, match="has no location to confirm") as exc, database.session() as s:
+        confirm_location(s, STUDY, "S1", reviewer="Dr Ada", now=T1, library=LIB)
     assert exc.value.code == "nothing_to_confirm"
     with database.session() as s:
         row = correct_location(s, STUDY, "S1", "liver_s2", reviewer="Dr Ada", now=T1, library=LIB)
@@ -171,10 +164,9 @@ def test_nothing_to_confirm_without_a_prediction(database: Database) -> None:
 
 def test_review_and_its_audit_roll_back_together(database: Database) -> None:
     store(database, received_version(database), "1.2.9.1")
-    with pytest.raises(RuntimeError):
-        with database.session() as s:
-            confirm_location(s, STUDY, "S1", reviewer="Dr Ada", now=T1, library=LIB)
-            raise RuntimeError("crash before commit")
+    with pytest.raises(RuntimeError), database.session() as s:
+        confirm_location(s, STUDY, "S1", reviewer="Dr Ada", now=T1, library=LIB)
+        raise RuntimeError("crash before commit")
     assert review_count(database) == 0 and review_audits(database) == []
 
 

@@ -280,3 +280,18 @@ def test_network_idle_timeout_still_ends_an_idle_association(sqlite_db: Database
         wait_until(lambda: not acceptor.is_alive(), "the acceptor thread ends")
     finally:
         server.shutdown()
+
+
+def test_untested_pynetdicom_refuses_the_event_driven_path_but_not_the_stock_loop(
+    sqlite_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "99.0.0")
+    with pytest.raises(RuntimeError, match="event_driven_associations = false"):
+        _listener(sqlite_db, tmp_path, event_driven=True)
+    server = _listener(sqlite_db, tmp_path, event_driven=False)  # the fallback still serves
+    try:
+        assoc = _associate(server)
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()

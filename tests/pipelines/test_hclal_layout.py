@@ -1,6 +1,6 @@
 """HCL-AL dataset layout: NIfTI orientation (LPS <-> RAS), CSV columns and ground-truth mapping.
 
-hcl-al-compat.md §2 (channels), §3 (LPS world mm), §11 (CSV columns, box convention).
+HCL-AL (Gao et al. 2025): input channels, LPS world mm, CSV columns and box convention.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_study_images_round_trip_with_channel_dtypes(tmp_path: Path) -> None:
         np.testing.assert_allclose(back.affine, ct.affine, atol=1e-5)
 
     (tmp_path / "study" / "SUV.nii.gz").unlink()
-    with pytest.raises(DatasetFormatError, match="lacks SUV.nii.gz"):
+    with pytest.raises(DatasetFormatError, match=r"lacks SUV\.nii\.gz"):
         find_study_images(tmp_path / "study")
 
 
@@ -132,8 +132,8 @@ def test_box_iou() -> None:
 def test_csv_columns_are_hclal_names_in_order_and_values_round_trip(tmp_path: Path) -> None:
     assert BBOX_COLUMNS == ("image_path", "image_path1", "image_path2", "x", "y", "z", "width", "height", "depth")
     assert ANNO_COLUMNS == ("image_path", "x", "y", "z", "width", "height", "depth", "GT")
-    assert TRAIN_COARSE_COLUMNS == (*BBOX_COLUMNS, "coarse_gt")
-    assert TRAIN_FINE_COLUMNS == (*BBOX_COLUMNS, "coarse_gt", "fine_gt", "coarse_labels")
+    assert (*BBOX_COLUMNS, "coarse_gt") == TRAIN_COARSE_COLUMNS
+    assert (*BBOX_COLUMNS, "coarse_gt", "fine_gt", "coarse_labels") == TRAIN_FINE_COLUMNS
 
     box = Box((-12.345678901234, 0.1 + 0.2, 1e-7), (3.0, 4.5, 6.25))
     gt = join_labels(["Liver S7", "Liver S8"])

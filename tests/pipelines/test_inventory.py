@@ -156,9 +156,9 @@ def test_no_pet_and_mixed_studies_refused(study: dict, tmp_path: Path) -> None:
 
 def test_multi_bed_pet_in_one_series(tmp_path: Path) -> None:
     study_uid, for_uid = generate_uid(), generate_uid()
-    beds = [0.0, 10.0, 20.0, 30.0, 40.0] + [45.0, 55.0, 65.0, 75.0, 85.0]  # two bed positions, one series
-    pet, pet_paths = _series(tmp_path, PET, study_uid, for_uid, beds)
-    ct_bed1, p1 = _series(tmp_path, CT, study_uid, for_uid, list(np.arange(-10.0, 50.0, 1.0)))
+    beds = [0.0, 10.0, 20.0, 30.0, 40.0, 45.0, 55.0, 65.0, 75.0, 85.0]  # two bed positions, one series
+    _pet, pet_paths = _series(tmp_path, PET, study_uid, for_uid, beds)
+    _ct_bed1, p1 = _series(tmp_path, CT, study_uid, for_uid, list(np.arange(-10.0, 50.0, 1.0)))
     ct_whole, p2 = _series(tmp_path, CT, study_uid, for_uid, list(np.arange(-10.0, 100.0, 5.0)))
     inv = take_inventory(pet_paths[::-1] + p1 + p2)
     assert len(inv.pet_headers) == 10
@@ -184,7 +184,7 @@ def test_pet_choice_prefers_seg_reference_then_attenuation_correction(tmp_path: 
 
 def test_in_memory_datasets_and_duplicates(study: dict) -> None:
     datasets = [pydicom.dcmread(p) for p in study["pet_paths"]]
-    inv = take_inventory(datasets + [datasets[0]])
+    inv = take_inventory([*datasets, datasets[0]])
     assert len(inv.pet_headers) == 5
     assert [i.code for i in inv.ignored] == ["duplicate_sop_instance"]
 
@@ -231,7 +231,7 @@ def test_real_ct_and_segs_with_pet_in_same_frame(data_dir: Path, tmp_path: Path)
     base = data_dir / "seg-ct-liver3slice-multivendor"
     study_uid, for_uid, _ = _real_ct_frame(base / "ct/01.dcm")
     _, pet_paths = _series(tmp_path, PET, study_uid, for_uid, [-128.69, -126.69])
-    inv = take_inventory([base / "ct", base / "seg"] + pet_paths)
+    inv = take_inventory([base / "ct", base / "seg", *pet_paths])
     assert inv.ct is not None and inv.ct.series_instance_uid.endswith("3.10.23430.1")
     assert len(inv.segs) == 4
     seg_reasons = {c.series_instance_uid: c.reason for c in inv.choices if c.role == "seg"}
@@ -252,7 +252,7 @@ def test_real_phantom_two_ct_series_and_extensionless_seg(data_dir: Path, tmp_pa
     base = data_dir / "seg-ct-liver3slice-multivendor/phantom_23x38x3"
     study_uid, for_uid, _ = _real_ct_frame(base / "image/IMG0001.dcm")
     _, pet_paths = _series(tmp_path, PET, study_uid, for_uid, [-177.75, -172.75])
-    inv = take_inventory([base] + pet_paths)
+    inv = take_inventory([base, *pet_paths])
     cts = [g for g in inv.series if g.role == "ct"]
     assert len(cts) == 2  # classic single-frame series and the Legacy Converted Enhanced CT
     assert len(inv.segs) == 1 and inv.segs[0].paths[0].endswith("label.seg")
@@ -261,4 +261,4 @@ def test_real_phantom_two_ct_series_and_extensionless_seg(data_dir: Path, tmp_pa
     assert chosen is not None
     assert chosen.series_instance_uid == min(g.series_instance_uid for g in cts)
     assert "ct_series_chosen" in {f.code for f in inv.flags}
-    assert take_inventory([base] + pet_paths[::-1]).ct.series_instance_uid == chosen.series_instance_uid
+    assert take_inventory([base, *pet_paths[::-1]]).ct.series_instance_uid == chosen.series_instance_uid

@@ -125,7 +125,7 @@ def affine_of(spacing: tuple[float, float, float], origin: tuple[float, float, f
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spacing", [(4.0, 4.0, 4.0), (2.0, 2.0, 3.27), (4.6875, 4.6875, 3.27), (1.0, 1.0, 1.0)])
 def test_sphere_kernel_is_one_millilitre(spacing: tuple[float, float, float]) -> None:
-    assert SUVPEAK_RADIUS_MM == pytest.approx((3000 / (4 * math.pi)) ** (1 / 3))
+    assert pytest.approx((3000 / (4 * math.pi)) ** (1 / 3)) == SUVPEAK_RADIUS_MM
     k = sphere_kernel(affine_of(spacing, (0, 0, 0), IDENTITY))
     assert k.weights.sum() == pytest.approx(1.0)
     assert k.volume_ml == pytest.approx(1.0, rel=0.01)

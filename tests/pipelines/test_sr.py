@@ -269,7 +269,7 @@ def test_full_report_is_valid_and_round_trips(tmp_path: Path, ct_headers, seg_si
     assert sr.Modality == "SR" and sr.SeriesDescription == DEFAULT_SERIES_DESCRIPTION
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert str(sr.ContentDate) == "20250304" and str(sr.InstanceCreationDate) == "20250304"
-    assert list(sr.SoftwareVersions)[0] == DEVICE.version
+    assert next(iter(sr.SoftwareVersions)) == DEVICE.version
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LOCUS_SCHEME
 
     read = read_measurement_report(tmp_path / "sr.dcm")

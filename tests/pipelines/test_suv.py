@@ -26,7 +26,6 @@ from pipelines.dicom.volume import Volume
 from pipelines.errors import SuvError
 from pipelines.findings import SuvKind
 
-
 # ---------------------------------------------------------------------------------------
 # SUV digital reference objects (oncoray/suv_computation)
 # ---------------------------------------------------------------------------------------

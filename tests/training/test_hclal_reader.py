@@ -1,4 +1,4 @@
-"""Reading a hand-built dataset directory in HCL-AL's layout into StudyRecords (hcl-al-compat.md §2, §11)."""
+"""Reading a hand-built dataset directory in HCL-AL's layout into StudyRecords (HCL-AL, Gao et al. 2025)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,17 @@ from pipelines.dicom.volume import Volume
 from pipelines.models.localizer.vocabulary import Vocabulary
 from training.data.phantom import phantom_study_id
 from training.data.records import LesionRecord, StudyRecord
-from training.localizer.evaluate import (NO_HCLAL_REGION, GroundTruth, Outcome, Prediction, outcome_from_json,
-                                         outcome_to_json, reliability, summarize, truths_of)
+from training.localizer.evaluate import (
+    NO_HCLAL_REGION,
+    GroundTruth,
+    Outcome,
+    Prediction,
+    outcome_from_json,
+    outcome_to_json,
+    reliability,
+    summarize,
+    truths_of,
+)
 from training.localizer.heldout import SPEC_PATH, bootstrap_intervals, load_eval_spec, with_intervals
 from training.localizer.pipeline import DEMO_STUDY_SEED, PRESETS
 from training.phantom.generate import PRESETS as PHANTOM_PRESETS

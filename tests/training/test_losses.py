@@ -1,4 +1,4 @@
-"""SkipTopN contrastive loss (hcl-al-compat.md §15, T2/T3/T4) on hand-computed cases."""
+"""SkipTopN contrastive loss (HCL-AL, Gao et al. 2025) on hand-computed cases."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def test_fine_batches_mix_related_pairs_and_mark_shared_texts(vocab: Vocabulary)
         b = sampler.sample(rng)
         pairs = list(zip(b.words, b.lesions))
         assert len(set(zip([sampler.gt_pairs[i][0] for i in b.lesions], b.words))) == len(b.words)  # distinct pairs
-        for i, (w, lesion) in enumerate(pairs):
+        for i, (_w, lesion) in enumerate(pairs):
             for j, (w2, _) in enumerate(pairs):
                 assert bool(b.positives[i, j]) == (w2 in sampler.gt_words[lesion])
         if b.words.count("Rib") >= 2 or b.words.count("Thoracic spine") >= 2:

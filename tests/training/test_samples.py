@@ -22,7 +22,7 @@ def test_bank_plain_crop_equals_inference_input(tmp_path: Path) -> None:
     pre = cfg.preprocessing()
     bank = build_bank([record], {"coarse": pre}, crops_per_lesion=3, seed=0, progress=False)
     assert len(bank) == len(record.lesions) and tuple(bank.inputs["coarse"].shape) == (len(bank), 3, 3, 16, 16, 16)
-    ct, suv, queries, kept = lesion_queries(record)
+    ct, suv, queries, _kept = lesion_queries(record)
     fake_loc = SimpleNamespace(compat=False)
     stage = SimpleNamespace(name="coarse", pre=pre, geometry=CropGeometry(pre.spacing, pre.crop_size))
     for row, q in enumerate(queries):

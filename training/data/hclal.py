@@ -1,7 +1,7 @@
 """Read a dataset directory in HCL-AL's layout into :class:`~training.data.records.StudyRecord` objects.
 
 Two producers write this layout: HCL-AL's own data (``CT.nii.gz``, ``SUV.nii.gz``,
-``SEG_MultiLabel.nii.gz`` per study and the CSVs of hcl-al-compat.md §11) and ``locus dataset
+``SEG_MultiLabel.nii.gz`` per study and the CSVs of HCL-AL's release, Gao et al. 2025) and ``locus dataset
 export`` (the same, with ``mask.nii.gz``, extra ``locus_*`` columns and a ``manifest.json``).
 
 What is read:

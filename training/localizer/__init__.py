@@ -1,4 +1,4 @@
-"""Localizer training, calibration and evaluation in HCL-AL's method (hcl-al-compat.md §14-§15).
+"""Localizer training, calibration and evaluation in HCL-AL's method (HCL-AL, Gao et al. 2025).
 
 Stages: :mod:`.samples` builds lesion crops with the inference crop code, :mod:`.samplers`
 draws HCL-AL's region-balanced batches, :mod:`.losses` has the SkipTopN contrastive loss,

@@ -1,6 +1,6 @@
 """Crop-grid augmentation of HCL-AL's training recipe, with the rotation defect fixed.
 
-HCL-AL (hcl-al-compat.md §15) jitters the crop centre by up to ±3 mm, rotates the crop
+HCL-AL (Gao et al. 2025) jitters the crop centre by up to ±3 mm, rotates the crop
 with probability 0.5 about an axis drawn uniformly on the sphere by 0-10°, and scales it
 isotropically with probability 0.5 by a ratio in [0.8, 1.2] (crop spacing / ratio); no
 flips.  Its rotation turns the crop *direction* but keeps the *origin*, so the crop
@@ -42,7 +42,7 @@ class AugmentationConfig:
     ratio_range: tuple[float, float] = (0.8, 1.2)
 
 
-def rotation_matrix(axis: Sequence[float], angle_rad: float) -> np.ndarray:
+def rotation_matrix(axis: Sequence[float] | np.ndarray, angle_rad: float) -> np.ndarray:
     """Rodrigues' rotation about a unit ``axis``."""
     a = np.asarray(axis, dtype=np.float64)
     a = a / np.linalg.norm(a)

@@ -37,7 +37,7 @@ def _clear_failure(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _options(f):  # type: ignore[no-untyped-def]
+def _options(f):
     f = _clear_failure(f)
     f = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(f)
     f = click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -63,7 +63,7 @@ def _options(f):  # type: ignore[no-untyped-def]
     return f
 
 
-def _open(out: Path, work: Path | None, preset: str, seed: int, device: str, progress: bool,  # type: ignore[no-untyped-def]
+def _open(out: Path, work: Path | None, preset: str, seed: int, device: str, progress: bool,
           data: Path | None = None, split: str = "hash", init: Path | None = None, steps: int | None = None):
     from training.localizer.pipeline import PRESETS, Run, default_work_dir, with_dataset, with_init, with_steps
 

@@ -1,6 +1,6 @@
 """Localizer evaluation with HCL-AL's protocol, plus the breakdowns HCL-AL does not report.
 
-Protocol (hcl-al-compat.md §11, HCL-AL ``evaluate.py``): per study, predictions are matched
+Protocol (HCL-AL, Gao et al. 2025; reference ``evaluate.py``): per study, predictions are matched
 to ground-truth boxes by 3-D IoU > 0.5 (greedy, highest IoU first, one-to-one); a
 ground-truth lesion is correct when the matched prediction's ``pred`` is in its set of
 acceptable final strings (multi-label GT, HCL-AL's comma-separated ``GT`` column).  An
@@ -21,6 +21,7 @@ queried at all; it is counted (``no_voxels``), never silently dropped.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ def reliability(outcomes: Sequence[Outcome], bins: int = 10) -> dict[str, Any]:
     hit = np.array([o.final_top1 for o in outcomes if o.prediction is not None], dtype=float)
     edges = np.linspace(0.0, 1.0, bins + 1)
     rows, ece = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         sel = (conf >= lo) & ((conf < hi) if hi < 1.0 else (conf <= hi))
         if sel.any():
             rows.append({"lo": float(lo), "hi": float(hi), "n": int(sel.sum()), "confidence": float(conf[sel].mean()),

@@ -1,4 +1,4 @@
-"""Write trained stages as HCL-AL ``params.pth`` files plus Locus metadata (hcl-al-compat.md §12).
+"""Write trained stages as HCL-AL ``params.pth`` files plus Locus metadata (HCL-AL, Gao et al. 2025).
 
 The dict has HCL-AL's keys and layout – ``net``, a DataParallel-style ``state_dict``
 (``module.`` prefix), ``spacing``, ``crop_size``, ``crop_normalizers``, ``interpolation``,

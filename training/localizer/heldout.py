@@ -20,13 +20,22 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.localizer.evaluate import (Outcome, confidence_kind, match, outcome_from_json, outcome_to_json,
-                                         predict, summarize, truths_of)
+from training.localizer.evaluate import (
+    Outcome,
+    confidence_kind,
+    match,
+    outcome_from_json,
+    outcome_to_json,
+    predict,
+    summarize,
+    truths_of,
+)
 
 SPEC_PATH = Path(__file__).with_name("eval_spec.json")
 SPEC_FORMAT = "locus-localizer-eval-spec"
@@ -137,12 +146,12 @@ def bootstrap_intervals(outcomes: Sequence[Outcome], *, resamples: int = 2000, s
 def with_intervals(outcomes: Sequence[Outcome], boot: Bootstrap, *, confidence: str) -> dict[str, Any]:
     """:func:`summarize` plus study-bootstrap intervals for the whole set, the nameable lesions and each region."""
     m = summarize(outcomes, confidence_kind=confidence)
-    kw = {"resamples": boot.resamples, "seed": boot.seed, "level": boot.level}
-    m["intervals"] = bootstrap_intervals(outcomes, **kw)
-    m["nameable"]["intervals"] = bootstrap_intervals([o for o in outcomes if o.truth.in_vocabulary], **kw)
+    intervals = partial(bootstrap_intervals, resamples=boot.resamples, seed=boot.seed, level=boot.level)
+    m["intervals"] = intervals(outcomes)
+    m["nameable"]["intervals"] = intervals([o for o in outcomes if o.truth.in_vocabulary])
     for region, block in m["per_region"].items():
-        block["intervals"] = {k: v for k, v in bootstrap_intervals(
-            [o for o in outcomes if o.truth.region == region], **kw).items() if k != "ece"}
+        block["intervals"] = {k: v for k, v in intervals(
+            [o for o in outcomes if o.truth.region == region]).items() if k != "ece"}
     m["studies"] = len({o.truth.study_id for o in outcomes})
     m["bootstrap"] = {**asdict(boot), "unit": "study", "method": "percentile"}
     return m

@@ -1,6 +1,6 @@
 """HCL-AL's ``SkipTopNClip`` contrastive loss, full batch, with multi-positive targets.
 
-Reference behaviour (hcl-al-compat.md §15, T4 kept): logits ``s·img·txtᵀ``; per row a
+Reference behaviour (HCL-AL, Gao et al. 2025 T4 kept): logits ``s·img·txtᵀ``; per row a
 log-softmax over *all* columns; smoothed targets 0.9 on the ground-truth column and
 ``0.1/(C-1)`` elsewhere, except that the ``skip_num`` highest-scoring non-GT columns get
 target 0 (semi-hard negative mining: the hardest negatives leave the target sum but stay in
@@ -43,8 +43,8 @@ def skip_topn_targets(logits: torch.Tensor, positives: torch.Tensor, skip_num: i
 
 def skip_topn_loss(logits: torch.Tensor, positives: torch.Tensor, *, skip_num: int, smoothing: float = 0.1) -> torch.Tensor:
     """Symmetric SkipTopN loss of ``[B, B]`` image-text logits."""
-    loss = 0.0
+    loss = logits.new_zeros(())
     for lg, pm in ((logits, positives), (logits.T, positives.T)):
         t = skip_topn_targets(lg, pm, skip_num, smoothing)
         loss = loss + (-(t * lg.log_softmax(dim=1)).sum(dim=1)).mean()
-    return loss / 2  # type: ignore[return-value]
+    return loss / 2

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 #: The demo phantom's own seed (``node/demo_study``); never used for training or calibration.
 DEMO_STUDY_SEED = 7
-#: The two files of an HCL-AL release besides the stage checkpoints (hcl-al-compat.md §12).
+#: The two files of an HCL-AL release besides the stage checkpoints (HCL-AL, Gao et al. 2025).
 VOCABULARY_FILES = ("anatomy_vocabulary_library.json", "augmented_location_descriptions.json")
 #: How a dataset directory is divided: by study-id hash 80/10/10, or every study for training.
 DATASET_SPLITS = ("hash", "all")
@@ -116,8 +116,8 @@ def _split_from_json(x: dict[str, Any] | None) -> PhantomSplit | DatasetSplit | 
     if x is None:
         return None
     if "root" in x:
-        return DatasetSplit(x["root"], x["part"], tuple(x["fractions"]))  # type: ignore[arg-type]
-    return PhantomSplit(tuple(x["seeds"]), x["placement"], x["n_lesions"])  # type: ignore[arg-type]
+        return DatasetSplit(x["root"], x["part"], tuple(x["fractions"]))
+    return PhantomSplit(tuple(x["seeds"]), x["placement"], x["n_lesions"])
 
 
 @dataclass
@@ -445,7 +445,7 @@ class Run:
                                 steps=res.steps, dtype=self.spec.store_dtype)
         return save_checkpoint(state, self.out / stage / "params.pth")
 
-    def _network(self, stage: str):  # type: ignore[no-untyped-def]
+    def _network(self, stage: str):
         from pipelines.models.localizer.network import build_network
 
         return build_network(load_checkpoint(self.out / stage)).to(self.device)
@@ -558,6 +558,8 @@ def write_model_card(run: Run, result: dict[str, Any], command: str) -> Path:
     m = result.get("metrics") or json.loads((run.out / "evaluation.json").read_text())
     cal = result.get("calibration") or {}
     s = run.spec
+    if not isinstance(s.train, PhantomSplit) or not isinstance(s.val, PhantomSplit):
+        raise ValueError("the model card describes a phantom-trained run (train and val are phantom splits)")
     names = []
     for region in vocab.regions:
         finals = [vocab.finals[(c, f)] for c in vocab.coarse_keys if vocab.region_of[c] == region

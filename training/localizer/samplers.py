@@ -1,4 +1,4 @@
-"""HCL-AL's batch samplers (hcl-al-compat.md §15), over a :class:`~.samples.CropBank`.
+"""HCL-AL's batch samplers (HCL-AL, Gao et al. 2025), over a :class:`~.samples.CropBank`.
 
 Coarse: draw regions by weight (without replacement) until the drawn regions hold at least
 ``B`` coarse words that have training lesions, then ``B`` *distinct* coarse words, one

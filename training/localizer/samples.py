@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -93,6 +94,11 @@ class LesionItem:
     size: tuple[float, float, float]
 
 
+def _record_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``LesionRecord.__dict__`` with its tuples back (``torch.save`` keeps lists as lists)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
 @dataclass
 class CropBank:
     """``inputs[stage]``: float16 ``[N, K, 3, X, Y, Z]``; crop 0 of each lesion is unaugmented."""
@@ -114,8 +120,7 @@ class CropBank:
     @classmethod
     def load(cls, path: str) -> CropBank:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        items = [LesionItem(s, LesionRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}),
-                            tuple(c), tuple(z)) for s, r, c, z in d["items"]]  # type: ignore[arg-type]
+        items = [LesionItem(s, LesionRecord(**_record_fields(r)), tuple(c), tuple(z)) for s, r, c, z in d["items"]]
         return cls(items, d["inputs"])
 
 
@@ -126,7 +131,8 @@ def study_images(record: StudyRecord) -> tuple[sitk.Image, sitk.Image, sitk.Imag
 
 
 def build_bank(records: Sequence[StudyRecord], stages: dict[str, Preprocessing], *, crops_per_lesion: int,
-               seed: int, aug_cfg: AugmentationConfig = AugmentationConfig(), progress: bool = True,
+               seed: int, aug_cfg: AugmentationConfig = AugmentationConfig(),  # noqa: B008  # frozen dataclass
+               progress: bool = True,
                require_truth: bool = True) -> CropBank:
     """Crop every lesion ``crops_per_lesion`` times per stage (seeded per study and lesion)."""
     items: list[LesionItem] = []

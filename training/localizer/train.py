@@ -1,4 +1,4 @@
-"""Seeded, resumable contrastive training of one localizer stage (hcl-al-compat.md §15).
+"""Seeded, resumable contrastive training of one localizer stage (HCL-AL, Gao et al. 2025).
 
 The network is :class:`pipelines.models.localizer.network.HclalClipNet` itself (published
 module names), so what is trained is exactly what inference loads.  Per step: a sampler
@@ -171,7 +171,7 @@ def batch_loss(net: HclalClipNet, bank_x: torch.Tensor, tokens: torch.Tensor, ba
                           smoothing=cfg.smoothing)
 
 
-def train_stage(cfg: StageConfig, bank, vocab: Vocabulary, out_dir: str | Path, *, seed: int = 0,  # type: ignore[no-untyped-def]
+def train_stage(cfg: StageConfig, bank, vocab: Vocabulary, out_dir: str | Path, *, seed: int = 0,
                 device: str = "cpu", resume: bool = False, coarse_labels: Mapping[int, Sequence[str]] | None = None,
                 progress: bool = True, stop_after: int | None = None, init: HclalCheckpoint | None = None
                 ) -> TrainResult:
@@ -194,7 +194,7 @@ def train_stage(cfg: StageConfig, bank, vocab: Vocabulary, out_dir: str | Path, 
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, int(m * cfg.steps)) for m in cfg.milestones], cfg.gamma)
-    tokens = WordTokens(vocab, net.text_encoder.context_length)
+    tokens = WordTokens(vocab, net.context_length)
     result = TrainResult(net)
     if resume and state_path.is_file():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -241,11 +241,11 @@ def train_stage(cfg: StageConfig, bank, vocab: Vocabulary, out_dir: str | Path, 
 
 
 @torch.inference_mode()
-def rank_bank(net: HclalClipNet, bank, stage: str, vocab: Vocabulary, words: Sequence[str], *,  # type: ignore[no-untyped-def]
+def rank_bank(net: HclalClipNet, bank, stage: str, vocab: Vocabulary, words: Sequence[str], *,
               topk: int = 3, device: str = "cpu", batch_size: int = 64) -> dict[int, list[str]]:
     """Top-``k`` candidate words per bank lesion (unaugmented crop): stage 1's ``coarse_labels``."""
     net.eval()
-    tokens = WordTokens(vocab, net.text_encoder.context_length)
+    tokens = WordTokens(vocab, net.context_length)
     txt = F.normalize(text_features(net, tokens(words).to(device)).float(), dim=-1)
     out: dict[int, list[str]] = {}
     n = len(bank)

@@ -23,7 +23,9 @@ a test and demonstration instrument, not anatomy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 
@@ -148,6 +150,13 @@ YELLOW_MARROW = (20.0, 0.6)
 _SIDES = (("right", -1.0), ("left", 1.0))
 
 
+class _LesionHost(TypedDict):
+    """The lesion-host fields of :class:`Structure` shared by a group of structures."""
+
+    lesion_weight: float
+    lesion_rmax_mm: float
+
+
 def _add(out: list[Structure], name: str, shape: Shape, tissue: tuple[float, float], group: str,
          site: str | None = "", **kw: object) -> None:
     """Append a structure; ``site=""`` means the structure name is itself the library site id."""
@@ -155,7 +164,7 @@ def _add(out: list[Structure], name: str, shape: Shape, tissue: tuple[float, flo
     out.append(Structure(name, shape, tissue[0], tissue[1], group, **kw))  # type: ignore[arg-type]
 
 
-def _lerp(z: float, knots: list[tuple[float, float]]) -> float:
+def _lerp(z: float, knots: Sequence[tuple[float, float]]) -> float:
     zs, vs = zip(*knots, strict=True)
     return float(np.interp(z, zs, vs))
 
@@ -235,7 +244,7 @@ def _lungs(out: list[Structure]) -> None:
     def lat(side: float, x: float) -> HalfSpace:
         return HalfSpace((x * side, 0, 0), (side, 0, 0))
 
-    w = dict(lesion_weight=3.0 / 18, lesion_rmax_mm=22.0)
+    w: _LesionHost = {"lesion_weight": 3.0 / 18, "lesion_rmax_mm": 22.0}
     # right lung: oblique fissure (lower lobe behind/below it), horizontal fissure at 1250
     lung = _lung(-1.0)
     obl = _plane_yz(60, 1345, -70, 1150)
@@ -342,7 +351,7 @@ def _liver(out: list[Structure], suv: dict[str, float]) -> None:
     mhv = HalfSpace((-25, 35, 0), (-105, 20, 0))  # Cantlie line: + side right liver
     umb = HalfSpace((-10, 30, 0), (110, 20, 0))  # umbilical fissure: + side left lateral
     sup, inf = HalfSpace((0, 0, 1095), (0, 0, 1)), HalfSpace((0, 0, 1095), (0, 0, -1))
-    w = dict(lesion_weight=4.0 / 8, lesion_rmax_mm=25.0)
+    w: _LesionHost = {"lesion_weight": 4.0 / 8, "lesion_rmax_mm": 25.0}
     right_ant = (mhv, rhv.flipped())
     segs = {
         "liver_s7": (rhv, mhv, sup),

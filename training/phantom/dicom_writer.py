@@ -8,7 +8,7 @@ Objects written (Explicit VR Little Endian, one file per instance, PS3.10):
   START, Corrected Image including ATTN and DECY, uint16 stored values with a per-slice
   Rescale Slope (as GE scanners write them), Radiopharmaceutical Information Sequence
   for F-18 FDG (half-life 6586.2 s), Patient Weight, Series and Acquisition Time.  The
-  headers are built so that the QIBA vendor-neutral SUVbw (dicom-guide.md section 5:
+  headers are built so that the QIBA vendor-neutral SUVbw (PS3.3 §C.8.9.1 and the QIBA FDG-PET/CT profile:
   reference time = Series Time because it precedes every Acquisition Time) reproduces
   the phantom's SUV exactly up to the 16-bit quantisation:
   ``SUVbw = (stored * slope) * weight_g / (dose * 2^(-(series - injection) / T1/2))``.
@@ -38,7 +38,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 
 from library.anatomy import load_library
 from training.phantom.generate import Phantom, grid_of
@@ -103,8 +103,8 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
 
 def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
 

@@ -118,6 +118,11 @@ def _grid(shape: tuple[int, int, int], fov_mm: float, z0: float, z1: float) -> G
     return Grid((nk, nj, ni), (dxy, dxy, dz), (ox, oy, oz))
 
 
+def _dims(shape: Sequence[int]) -> tuple[int, int, int]:
+    """A grid shape as a 3-tuple of ints (a list from JSON gives the same identity string)."""
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
 def make_phantom(seed: int, size: str = "tiny", *, ct_shape: tuple[int, int, int] | None = None,
                  pet_shape: tuple[int, int, int] | None = None, z_range_mm: tuple[float, float] | None = None,
                  n_lesions: int | None = None, lesion_sites: Sequence[str] | None = None,
@@ -132,12 +137,11 @@ def make_phantom(seed: int, size: str = "tiny", *, ct_shape: tuple[int, int, int
     if size not in PRESETS:
         raise ValueError(f"unknown phantom size {size!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[size]
-    ct_shape = tuple(ct_shape or p.ct_shape)  # type: ignore[assignment]
-    pet_shape = tuple(pet_shape or p.pet_shape)  # type: ignore[assignment]
+    ct_dims, pet_dims = _dims(ct_shape or p.ct_shape), _dims(pet_shape or p.pet_shape)
     z_range = tuple(z_range_mm or p.z_range_mm)
     n = p.n_lesions if n_lesions is None else int(n_lesions)
     radius_range = tuple(radius_range_mm or p.radius_range_mm)
-    identity = (f"locus-phantom/v{GENERATOR_VERSION}/seed={int(seed)}/size={size}/ct={ct_shape}/pet={pet_shape}"
+    identity = (f"locus-phantom/v{GENERATOR_VERSION}/seed={int(seed)}/size={size}/ct={ct_dims}/pet={pet_dims}"
                 f"/z={z_range}/n={n}/r={radius_range}/sites={tuple(lesion_sites) if lesion_sites else None}")
 
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x10C05])
@@ -145,8 +149,8 @@ def make_phantom(seed: int, size: str = "tiny", *, ct_shape: tuple[int, int, int
     anatomy = build_anatomy(rng_anat)
     sz = anatomy.scale[2]
     z0, z1 = z_range[0] * sz, z_range[1] * sz
-    ct_grid = _grid(ct_shape, p.ct_fov_mm, z0, z1)  # type: ignore[arg-type]
-    pet_grid = _grid(pet_shape, p.pet_fov_mm, z0, z1)  # type: ignore[arg-type]
+    ct_grid = _grid(ct_dims, p.ct_fov_mm, z0, z1)
+    pet_grid = _grid(pet_dims, p.pet_fov_mm, z0, z1)
     uid = lambda what: phantom_uid(identity, what)  # noqa: E731
     lesions = place_lesions(anatomy, n, rng_les, [ct_grid, pet_grid],
                             radius_range_mm=radius_range,  # type: ignore[arg-type]
@@ -158,8 +162,8 @@ def make_phantom(seed: int, size: str = "tiny", *, ct_shape: tuple[int, int, int
     uids = PhantomUids(
         study=uid("study"), frame_of_reference=uid("for"), ct_series=uid("ct"), pet_series=uid("pet"),
         seg_series=uid("seg"), seg_instance=uid("seg/1"),
-        ct_instances=tuple(uid(f"ct/{k}") for k in range(ct_shape[0])),
-        pet_instances=tuple(uid(f"pet/{k}") for k in range(pet_shape[0])),
+        ct_instances=tuple(uid(f"ct/{k}") for k in range(ct_dims[0])),
+        pet_instances=tuple(uid(f"pet/{k}") for k in range(pet_dims[0])),
         scout_series=uid("scout"), scout_instance=uid("scout/1"), scout_frame_of_reference=uid("scout/for"),
     )
 
@@ -183,5 +187,5 @@ def make_phantom(seed: int, size: str = "tiny", *, ct_shape: tuple[int, int, int
 def grid_of(volume: Volume) -> Grid:
     """The axis-aligned :class:`Grid` of a phantom volume."""
     a = volume.affine
-    return Grid(tuple(volume.array.shape), (float(a[0, 0]), float(a[1, 1]), float(a[2, 2])),  # type: ignore[arg-type]
+    return Grid(tuple(volume.array.shape), (float(a[0, 0]), float(a[1, 1]), float(a[2, 2])),
                 (float(a[0, 3]), float(a[1, 3]), float(a[2, 3])))

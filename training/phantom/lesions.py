@@ -63,6 +63,10 @@ class LesionTruth:
         return LesionShape(self.label, self.ellipsoid, self.hu, self.suv)
 
 
+def _xyz(v: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    return float(v[0]), float(v[1]), float(v[2])
+
+
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.standard_normal(4)
     q /= np.linalg.norm(q)
@@ -159,7 +163,7 @@ def _place_one(anatomy: Anatomy, label: int, hosts: list[Structure], p: np.ndarr
         r = float(math.exp(rng.uniform(math.log(lo_r), math.log(hi_r))))
         radii = np.array([r, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.6, 1.0)])
         rot = _random_rotation(rng)
-        ell0 = Ellipsoid((0.0, 0.0, 0.0), tuple(radii), rot)  # type: ignore[arg-type]
+        ell0 = Ellipsoid((0.0, 0.0, 0.0), tuple(radii), rot)
         half = ell0.bounds()[1]
         lo, hi = anatomy.world_bounds(s)
         for g in grids:  # keep the whole lesion inside every grid
@@ -186,11 +190,9 @@ def _place_one(anatomy: Anatomy, label: int, hosts: list[Structure], p: np.ndarr
             suv, hu, kind = _lesion_values(s, rng)
             return LesionTruth(
                 label=label, structure=s.name, site_id=str(s.site_id),
-                center_mm=tuple(float(v) for v in c),  # type: ignore[arg-type]
-                radii_mm=tuple(float(v) for v in radii),  # type: ignore[arg-type]
-                axes=tuple(tuple(float(v) for v in rot[:, a]) for a in range(3)),
-                box_min_mm=tuple(float(v) for v in blo),  # type: ignore[arg-type]
-                box_max_mm=tuple(float(v) for v in bhi),  # type: ignore[arg-type]
+                center_mm=_xyz(c), radii_mm=_xyz(radii),
+                axes=(_xyz(rot[:, 0]), _xyz(rot[:, 1]), _xyz(rot[:, 2])),
+                box_min_mm=_xyz(blo), box_max_mm=_xyz(bhi),
                 suv=suv, hu=hu, kind=kind, volume_ml=float(4.0 / 3.0 * math.pi * np.prod(radii) / 1000.0),
                 tracking_uid=uid(f"lesion/{label}"), tracking_id=f"Lesion {label}",
             )

@@ -114,7 +114,7 @@ def paint(anatomy: Anatomy, grid: Grid, *, values: bool, labels: bool,
     Returns a dict with ``hu`` and ``suv`` (float32) when ``values``, ``labels`` (uint8 or
     uint16 structure labels) when ``labels``.
     """
-    nk, nj, ni = grid.shape
+    nk, _nj, _ni = grid.shape
     out: dict[str, np.ndarray] = {}
     if values:
         out["hu"] = np.full(grid.shape, -1000.0, dtype=np.float32)

@@ -18,17 +18,17 @@ cheap.
 from __future__ import annotations
 
 import abc
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 F = np.float32
 _INF = np.float32(np.inf)
 
 
-def _f(v: float | np.ndarray) -> np.ndarray:
+def _f(v: ArrayLike) -> np.ndarray:
     return np.asarray(v, dtype=F)
 
 
@@ -71,10 +71,10 @@ class Ellipsoid(Shape):
         if self.rotation is None:
             return (dx / r[0]) ** 2 + (dy / r[1]) ** 2 + (dz / r[2]) ** 2 <= 1
         rot = _f(self.rotation)
-        acc = None
+        acc = np.zeros_like(dx)  # broadcasts up to the full grid on the first addition
         for a in range(3):  # coordinate along the a-th principal axis
             u = (dx * rot[0, a] + dy * rot[1, a] + dz * rot[2, a]) / r[a]
-            acc = u * u if acc is None else acc + u * u
+            acc = acc + u * u
         return acc <= 1
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +119,11 @@ class Box(Shape):
         dx, dy, dz = _f(x) - c[0], _f(y) - c[1], _f(z) - c[2]
         h = _f(self.half)
         rot = np.eye(3, dtype=F) if self.rotation is None else _f(self.rotation)
-        out = None
+        out: np.ndarray | None = None
         for a in range(3):
             u = np.abs(dx * rot[0, a] + dy * rot[1, a] + dz * rot[2, a]) <= h[a]
             out = u if out is None else out & u
+        assert out is not None
         return out
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +169,7 @@ class ZSweep(Shape):
         k[:, 3:5] = np.maximum(k[:, 3:5] - d, 1.0)
         k[0, 0] += dz
         k[-1, 0] -= dz
-        return ZSweep(tuple(tuple(float(v) for v in row) for row in k))  # type: ignore[arg-type]
+        return ZSweep(tuple((float(z), float(cx), float(cy), float(rx), float(ry)) for z, cx, cy, rx, ry in k))
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def polytube(points: Sequence[Sequence[float]], radius: float | Sequence[float])
     """A tube along a polyline: consecutive capsules (radius per segment or one for all)."""
     pts = [tuple(float(v) for v in p) for p in points]
     n = len(pts) - 1
-    radii = [float(radius)] * n if np.isscalar(radius) else [float(r) for r in radius]  # type: ignore[arg-type]
+    radii = [float(radius)] * n if isinstance(radius, (int, float, np.number)) else [float(r) for r in radius]
     if len(radii) != n:
         raise ValueError("one radius per segment expected")
     return Union(tuple(Capsule(pts[i], pts[i + 1], radii[i]) for i in range(n)))  # type: ignore[arg-type]

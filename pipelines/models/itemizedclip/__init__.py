@@ -2,7 +2,7 @@
 
 One visual embedding, one zero-shot score and one attention map per finding, from a single
 forward of the HLIP trunk: a text-conditioned attention-pooling block (with a "nowhere"
-null slot) reads every patch token.  The contract is ``itemizedclip-compat.md``:
+null slot) reads every patch token.  The contract is the ItemizedCLIP paper and code (arXiv 2512.11141):
 
 * :mod:`.head` — ``PureAttentionPoolingBlock`` (§3), exactly as published;
 * :mod:`.model` — the ``ItemizedCLIP`` open_clip model sharing :mod:`pipelines.models.study_encoder`

@@ -1,6 +1,6 @@
 """Worker-facing ItemizedCLIP API: every finding's score, embedding and map from one visual forward.
 
-Per study (itemizedclip-compat.md §5, §6):
+Per study (ItemizedCLIP, arXiv 2512.11141):
 
 * the prompt set's texts are encoded **once** when the encoder is built (``t_k`` raw
   ``text.proj`` outputs, normalised inside :func:`~.model.item_head`);
@@ -83,6 +83,7 @@ class ItemFinding:
 
 @dataclass(frozen=True)
 class ItemizedEncoding:
+    """A study's ItemizedCLIP encoding: the embedding plus one scored, located finding per prompt item."""
     model: ModelInfo
     study_embedding: np.ndarray  # float32 [E], L2-normalised class token
     findings: tuple[ItemFinding, ...]
@@ -95,6 +96,7 @@ class ItemizedEncoding:
     timings: dict[str, float] = field(default_factory=dict, compare=False)
 
     def finding(self, finding_id: str) -> ItemFinding:
+        """The finding with ``finding_id``; raises a model error for an unknown one."""
         for f in self.findings:
             if f.finding_id == finding_id:
                 return f
@@ -143,6 +145,7 @@ class ItemizedEncoding:
 
 @dataclass(frozen=True)
 class StoredMaps:
+    """Token maps read back from their ``.npz`` file, with the grid that places them in LPS."""
     finding_ids: tuple[str, ...]
     maps: np.ndarray  # float32 [K, d, h, w] (from float16)
     null_weight: np.ndarray  # float32 [K]
@@ -157,8 +160,10 @@ def load_maps(path: str | Path) -> StoredMaps:
     try:
         with np.load(Path(path), allow_pickle=False) as z:
             maps = z["maps"].astype(np.float32)
-            grid = geometry.TokenGrid(tuple(int(v) for v in maps.shape[1:]), tuple(int(v) for v in z["patch_dhw"]),
-                                      z["crop_affine_lps"].astype(np.float64), str(z["frame_of_reference_uid"]))  # type: ignore[arg-type]  # fmt: skip
+            d, h, w = (int(v) for v in maps.shape[1:])
+            pd, ph, pw = (int(v) for v in z["patch_dhw"])
+            grid = geometry.TokenGrid((d, h, w), (pd, ph, pw),
+                                      z["crop_affine_lps"].astype(np.float64), str(z["frame_of_reference_uid"]))  # fmt: skip
             return StoredMaps(tuple(str(v) for v in z["finding_ids"]), maps, z["null_weight"].astype(np.float32),
                               z["embeddings"].astype(np.float32), grid, str(z["model_id"]), str(z["map_rule"]))  # fmt: skip
     except (OSError, KeyError, ValueError) as exc:
@@ -241,7 +246,7 @@ class ItemizedClipEncoder:
                 finding_id=item.id, finding=item.finding, prompt=self.prompts.text(item), score=s,
                 threshold=None if t is None else float(t), present=None if t is None else bool(s > t),
                 embedding=embeddings[k].astype(np.float32), null_weight=float(attention[k, -1]),
-                token_map=maps[k].astype(np.float32), peak_dhw=dhw, peak_lps=tuple(float(v) for v in lps),
+                token_map=maps[k].astype(np.float32), peak_dhw=dhw, peak_lps=(float(lps[0]), float(lps[1]), float(lps[2])),
                 peak_weight=float(maps[k][dhw]),
             ))  # fmt: skip
         g = torch.nn.functional.normalize(out.global_features[0].float(), dim=-1).cpu().numpy()

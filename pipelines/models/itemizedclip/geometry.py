@@ -1,6 +1,6 @@
 """Where a token of the HLIP grid lies in the patient (LPS), through the preprocessing's own geometry.
 
-Token order (itemizedclip-compat.md §2): token ``i = d·(h_n·w_n) + h·w_n + w`` with ``(d, h, w)``
+Token order (ItemizedCLIP, arXiv 2512.11141): token ``i = d·(h_n·w_n) + h·w_n + w`` with ``(d, h, w)``
 the patch-grid indices along the model input's axes 3, 4, 5 — ``[B, N, C, D, H, W]`` — which
 the chest preprocessing (:mod:`pipelines.models.study_encoder.preprocess`) fills as
 ``(z, y, x)`` of the canonical array (identity direction cosines, +x = patient left,
@@ -54,6 +54,7 @@ class TokenGrid:
     @classmethod
     def from_prepared(cls, prepared: PreparedInput, patch: tuple[int, int, int], frame_of_reference_uid: str = "",
                       ) -> TokenGrid:  # fmt: skip
+        """The token grid of a prepared input, checking the crop is a whole number of patches."""
         size = tuple(int(s) for s in prepared.tensor.shape[-3:])
         if any(s % p for s, p in zip(size, patch, strict=True)):
             raise ModelError(f"crop {size} is not a multiple of the patch {patch}", code="hlip_input_shape")
@@ -63,6 +64,7 @@ class TokenGrid:
 
     @property
     def n_tokens(self) -> int:
+        """Number of patch tokens."""
         return int(np.prod(self.grid))
 
     @property
@@ -120,10 +122,11 @@ class TokenGrid:
         arr = np.asarray(token_map)
         if arr.shape != self.grid:
             raise ModelError(f"map of shape {arr.shape} for a {self.grid} grid", code="map_shape")
-        dhw = tuple(int(v) for v in np.unravel_index(int(np.argmax(arr)), self.grid))
-        return dhw, self.token_centre_lps(dhw)[0]  # type: ignore[return-value]
+        d, h, w = (int(v) for v in np.unravel_index(int(np.argmax(arr)), self.grid))
+        return (d, h, w), self.token_centre_lps((d, h, w))[0]
 
     def to_json(self) -> dict[str, object]:
+        """The grid as JSON, stored beside the maps so they can be placed again."""
         return {"grid_dhw": list(self.grid), "patch_dhw": list(self.patch),
                 "token_affine_lps": np.round(self.affine, 6).tolist(),
                 "frame_of_reference_uid": self.frame_of_reference_uid}  # fmt: skip

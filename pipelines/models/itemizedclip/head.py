@@ -1,4 +1,4 @@
-"""ItemizedCLIP's attention-pooling block, ``visual_attn`` (itemizedclip-compat.md §3).
+"""ItemizedCLIP's attention-pooling block, ``visual_attn`` (ItemizedCLIP, arXiv 2512.11141).
 
 Upstream ``open_mri/my_model.py:11-57`` (MLNeurosurg/ItemizedCLIP ``d4b92e3``): three separate
 LayerNorms (eps 1e-5, result cast back to the input dtype) on query, key and value, then
@@ -41,6 +41,7 @@ class PureAttentionPoolingBlock(nn.Module):
 
     @property
     def n_head(self) -> int:
+        """Number of attention heads (checked against the checkpoint)."""
         return int(self.attn.num_heads)
 
     def forward(

@@ -3,8 +3,8 @@
 What is shared with the HLIP study encoder (:mod:`pipelines.models.study_encoder`), not copied:
 
 * the visual trunk: the same timm-registered :class:`~pipelines.models.study_encoder.visual.HlipVisionTransformer`
-  (``vit_base_singlescan_h2_token2744``); ItemizedCLIP's only visual change (itemizedclip-compat.md
-  §2) is that the trunk returns the CLS **and every patch token** after the final norm, and
+  (``vit_base_singlescan_h2_token2744``); ItemizedCLIP's only visual change (arXiv 2512.11141)
+  is that the trunk returns the CLS **and every patch token** after the final norm, and
   open_clip's ``head`` (Dropout p=0, ``proj`` Linear 768→512 without bias) is applied to each of
   them.  :meth:`ItemizedCLIP.encode_image` does exactly that with the trunk's own
   ``forward_features``;
@@ -66,7 +66,7 @@ def register_configs(extra_dir: str | Path | None = None) -> None:
         hlip_model.register_configs(extra_dir)
 
 
-class ItemizedCLIP(CustomTextCLIP):  # type: ignore[misc]
+class ItemizedCLIP(CustomTextCLIP):
     """open_clip ``CustomTextCLIP`` + ``visual_attn`` (upstream ``open_mri/my_model.py:60-92``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -175,6 +175,7 @@ def build_model(model_name: str, text_dir: str | Path, *, config_dir: str | Path
 
 @dataclass(frozen=True)
 class ItemizedCheckpoint:
+    """A loaded ItemizedCLIP checkpoint, pinned by its file hash."""
     path: str
     sha256: str
     state_dict: dict[str, torch.Tensor]

@@ -1,4 +1,4 @@
-"""HCL-AL-compatible hierarchical CLIP lesion localizer (hcl-al-compat.md).
+"""HCL-AL-compatible hierarchical CLIP lesion localizer (HCL-AL, Gao et al. 2025).
 
 Public entry points: :class:`~pipelines.models.localizer.model.Localizer` and its outputs.
 """

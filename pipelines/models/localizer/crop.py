@@ -1,6 +1,6 @@
 """Fixed physical crops around a lesion, in the axis order the HCL-AL weights expect.
 
-The contract (hcl-al-compat.md §3–§4, reference ``image_crop`` and ``FixedNormalizer``):
+The contract (HCL-AL, Gao et al. 2025; reference ``image_crop`` and ``FixedNormalizer``):
 
 * Resampling happens in SimpleITK physical space (LPS mm) with ``ResampleImageFilter``,
   whatever the source grid or direction, each channel independently from its own grid.
@@ -35,6 +35,7 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "nn": sitk.sitkNearestNeighbor}
 
 @dataclass(frozen=True)
 class CropGeometry:
+    """Spacing and size of a model input crop."""
     spacing: tuple[float, float, float]
     size: tuple[int, int, int]
 
@@ -58,6 +59,7 @@ def crop_origin(centre: Sequence[float], geom: CropGeometry, *, compat: bool) ->
 
 
 def crop_spacing(geom: CropGeometry, *, compat: bool) -> tuple[float, float, float]:
+    """The crop spacing; in HCL-AL mode rounded through float32 as the published code does."""
     if compat:
         return tuple(float(v) for v in np.asarray(geom.spacing, dtype=np.float32))  # type: ignore[return-value]
     return tuple(float(v) for v in geom.spacing)  # type: ignore[return-value]
@@ -85,6 +87,7 @@ def crop_image(
 def crop_around(
     image: sitk.Image, centre: Sequence[float], geom: CropGeometry, interpolation: str, *, compat: bool
 ) -> sitk.Image:
+    """A crop of ``image`` centred on ``centre`` (LPS mm) with the stage's geometry."""
     return crop_image(
         image, crop_origin(centre, geom, compat=compat), crop_spacing(geom, compat=compat), geom.size, interpolation
     )
@@ -104,6 +107,7 @@ def normalize(values: np.ndarray, norm: Normalizer) -> np.ndarray:
 
 
 def as_float32(image: sitk.Image) -> sitk.Image:
+    """The image as float32 (the network's input type), without a copy when it already is."""
     return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
@@ -134,7 +138,7 @@ def outside_fraction(images: Sequence[sitk.Image], origin: Sequence[float], geom
             oblique.append(img)
             continue
         for a in range(3):
-            inside[a] &= per_axis[a]  # type: ignore[operator]
+            inside[a] &= per_axis[a]
     total = int(np.prod(geom.size))
     if not oblique:
         return 1.0 - float(np.prod([int(v.sum()) for v in inside])) / total

@@ -1,6 +1,6 @@
 """3-D CNN image encoders of HCL-AL, with module names that load published weights strictly.
 
-Two families (hcl-al-compat.md §6):
+Two families (HCL-AL, Gao et al. 2025):
 
 * ``ResidualNet3D`` (net ``ClipText_ResidualNet``, the published coarse and fine models):
   ``in_block`` (3x3x3 conv 3→16 + BN + ReLU), then four ``DownBlock``s 16→32→64→128→256,
@@ -38,6 +38,7 @@ class InputBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution, batch norm, activation."""
         return self.act(self.bn(self.conv(x)))
 
 
@@ -58,6 +59,7 @@ class ResidualBlock3(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's operations in order, plus the skip connection."""
         out = x
         for op in self.ops:
             out = op(out)
@@ -76,6 +78,7 @@ class DownBlock(nn.Module):
         self.rblock = ResidualBlock3(out, convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Strided downsampling, then the residual block."""
         return self.rblock(self.down_act(self.down_bn(self.down_conv(x))))
 
 
@@ -89,10 +92,12 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution, batch norm, activation."""
         return self.act(self.bn(self.conv(x)))
 
 
 def fc_in_features(crop_size: Sequence[int]) -> int:
+    """Input width of the final linear layer for a crop size (crop must be divisible by the total stride)."""
     if any(int(c) % MAX_STRIDE for c in crop_size):
         raise ValueError(f"crop size {tuple(crop_size)} must be divisible by {MAX_STRIDE}")
     return WIDTHS[-1] * math.prod(int(c) // MAX_STRIDE for c in crop_size)
@@ -113,6 +118,7 @@ class _Encoder3D(nn.Module):
 
 
 class ResidualNet3D(_Encoder3D):
+    """HCL-AL's residual 3-D image encoder (key layout of its ``params.pth``)."""
     def __init__(self, in_channels: int, crop_size: Sequence[int], num_features: int = 512) -> None:
         super().__init__()
         self.in_block = InputBlock(in_channels, WIDTHS[0])
@@ -124,6 +130,7 @@ class ResidualNet3D(_Encoder3D):
 
 
 class BasicNet3D(_Encoder3D):
+    """HCL-AL's plain 3-D image encoder (key layout of its ``params.pth``)."""
     def __init__(self, in_channels: int, crop_size: Sequence[int], num_features: int = 512) -> None:
         super().__init__()
         self.in_block = InputBlock(in_channels, WIDTHS[0])

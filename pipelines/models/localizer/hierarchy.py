@@ -1,7 +1,7 @@
 """HCL-AL's coarse-to-fine decision rules, as pure functions of probabilities.
 
 Exact semantics of the reference ``predict_coarse`` / ``predict_fine``
-(hcl-al-compat.md §9), kept identical in both geometry modes because they define what the
+(HCL-AL, Gao et al. 2025), kept identical in both geometry modes because they define what the
 published weights' outputs mean:
 
 Coarse
@@ -38,12 +38,14 @@ LARGE_LESION_MM = 100.0
 
 @dataclass(frozen=True)
 class CoarseResult:
+    """Coarse labels with their probabilities, highest first."""
     labels: tuple[str, ...]
     probs: tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class FineCandidates:
+    """The fine words the coarse result allows, each with the coarse parent it came from."""
     words: tuple[str, ...]
     parents: tuple[str, ...]  # assigned (first, highest-ranked) coarse parent per word
     parent_probs: tuple[float, ...]
@@ -51,6 +53,7 @@ class FineCandidates:
 
 @dataclass(frozen=True)
 class FineResult:
+    """Fine labels with probabilities and the coarse key each maps back to."""
     labels: tuple[str, ...]  # fine words, sorted, zero probabilities dropped
     probs: tuple[float, ...]
     to_coarse: tuple[str, ...]  # coarse key each fine word was mapped to
@@ -76,6 +79,7 @@ def rank_coarse(probs: torch.Tensor, keys: Sequence[str], topk: int | None = 3) 
 
 
 def fine_candidates(coarse: CoarseResult, vocab: Vocabulary) -> FineCandidates:
+    """The fine words under the coarse labels kept, as HCL-AL's hierarchical inference ranks them."""
     words: list[str] = []
     parents: list[str] = []
     parent_probs: list[float] = []

@@ -1,6 +1,6 @@
 """Lesion boxes and the lesion-mask input channel, in reference and corrected form.
 
-The third input channel must show only the target lesion, binarised (hcl-al-compat.md §5).
+The third input channel must show only the target lesion, binarised (HCL-AL, Gao et al. 2025).
 The reference gets there indirectly and with several defects; ``hcl-al`` mode reproduces
 them so published outputs can be matched, ``corrected`` mode does the obvious thing.
 
@@ -55,11 +55,13 @@ class LesionBox:
     size: tuple[float, float, float]
 
     def as_array(self) -> np.ndarray:
+        """The box as ``[cx, cy, cz, sx, sy, sz]`` (HCL-AL's ``bbox.csv`` order)."""
         return np.array([*self.centre, *self.size], dtype=np.float64)
 
 
 @dataclass(frozen=True)
 class MaskChannel:
+    """The lesion-mask input channel of one crop, with how it was found."""
     values: np.ndarray  # [x, y, z] float32, before normalisation
     matched: bool  # a lesion was identified in the crop
     fallback_used: bool  # the half-spacing re-crop was needed
@@ -101,6 +103,7 @@ def reference_box(image: sitk.Image, label: float) -> LesionBox | None:
 
 
 def exact_box_from_bounds(image: sitk.Image, vmin: np.ndarray, vmax: np.ndarray) -> LesionBox:
+    """The world box of voxel index bounds, to the voxels' outer edges."""
     origin, spacing, direction = _world_geometry(image)
     lo = np.asarray(vmin, dtype=np.float64) - 0.5
     hi = np.asarray(vmax, dtype=np.float64) + 0.5

@@ -1,6 +1,6 @@
 """The HCL-AL-compatible hierarchical localizer: load once, localize lesions in batches.
 
-Per model load (hcl-al-compat.md §12 recipe):
+Per model load (HCL-AL, Gao et al. 2025):
 
 1. read both checkpoints (plain or "uAI_model"), build the networks named by ``net`` and
    load them strictly on CPU, then move them to the requested device;
@@ -128,6 +128,7 @@ class LocalizerOutput:
         }
 
     def to_localization(self, site: SiteAssignment | None = None) -> Localization:
+        """The output as the pipeline's Localization, with the library site when one was assigned."""
         return Localization(
             site=site,
             final_label=self.final_label,
@@ -143,6 +144,7 @@ class LocalizerOutput:
 
 @dataclass(frozen=True)
 class Decision:
+    """Every intermediate of one hierarchical decision, for explanations and tests."""
     coarse: hierarchy.CoarseResult
     candidates: hierarchy.FineCandidates
     fine: hierarchy.FineResult
@@ -166,6 +168,7 @@ class Stage:
 
     @property
     def geometry(self) -> CropGeometry:
+        """The crop geometry this stage's network was trained with."""
         return CropGeometry(self.pre.spacing, self.pre.crop_size)
 
 
@@ -186,7 +189,7 @@ def _build_stage(
     net = build_network(ckpt).to(device)
     if channels_last:
         net.image_encoder.to(memory_format=torch.channels_last_3d)
-    context = int(net.text_encoder.context_length)
+    context = net.context_length
     tokens = ClipTokenizer(context).tokenize([vocab.text(w) for w in words])
     if text_cache is None:
         emb = encode_texts(net.text_encoder, tokens, post=net.text_fc)
@@ -281,6 +284,7 @@ class Localizer:
 
     @property
     def compat(self) -> bool:
+        """Whether the published HCL-AL geometry quirks are reproduced (``hcl-al`` mode)."""
         return self.geometry_mode == "hcl-al"
 
     # -- loading ------------------------------------------------------------------------

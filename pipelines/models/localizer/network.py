@@ -1,7 +1,7 @@
 """The HCL-AL ``ClipNet`` container: dispatch on ``state['net']`` and strict loading.
 
 The published state dict (after removing ``module.``) has exactly three groups
-(hcl-al-compat.md §12): ``image_encoder.*`` (100 keys for ResidualNet), ``text_encoder.*``
+(HCL-AL, Gao et al. 2025): ``image_encoder.*`` (100 keys for ResidualNet), ``text_encoder.*``
 (149 keys, OpenAI CLIP text tower) and the scalar ``logit_scale``; ``ClipText_Fc_BasicNet``
 adds ``text_fc.*``.  :class:`HclalClipNet` has those attribute names, so the whole dict
 loads with ``strict=True``: a renamed, missing or extra tensor is a :class:`ModelError`,
@@ -55,11 +55,13 @@ class HclalClipNet(nn.Module):
         self.net_name = net
         features = num_features or text_cfg.output_dim
         self.text_encoder = build_text_tower(text_cfg)
+        self.context_length: int = text_cfg.context_length  # the text tower's, typed (not a state-dict entry)
         self.image_encoder = encoder_cls(in_channels, crop_size, features)
         self.text_fc = nn.Linear(text_cfg.output_dim, features) if has_text_fc else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Image features of a crop batch."""
         return self.image_encoder(x)
 
 

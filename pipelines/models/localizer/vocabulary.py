@@ -1,4 +1,4 @@
-"""The user-supplied HCL-AL vocabulary and description JSON pair (hcl-al-compat.md §10).
+"""The user-supplied HCL-AL vocabulary and description JSON pair (HCL-AL, Gao et al. 2025).
 
 * ``anatomy_vocabulary_library.json``: ``{region: {coarse_key: {fine_word: final_string}}}``;
   file order matters (it is the order of the coarse candidates and of each coarse key's
@@ -26,7 +26,7 @@ from typing import Any
 
 from pipelines.errors import ModelError
 
-#: Counts of the published pair (HCL-AL commit 886f71d), hcl-al-compat.md §10.
+#: Counts of the published pair (HCL-AL commit 886f71d; Gao et al. 2025).
 PUBLISHED_COUNTS = {
     "regions": 8,
     "coarse": 124,
@@ -54,17 +54,21 @@ class Vocabulary:
 
     # -- lookups --------------------------------------------------------------------
     def text(self, word: str) -> str:
+        """The description the text tower encodes for a word."""
         return self.descriptions[word]
 
     def final(self, coarse: str, fine: str) -> str:
+        """The final location string of a (coarse, fine) pair."""
         return self.finals[(coarse, fine)]
 
     @property
     def orphans(self) -> tuple[str, ...]:
+        """Described words no vocabulary entry uses (reported by the library check)."""
         used = set(self.coarse_keys) | set(self.fine_words)
         return tuple(w for w in self.descriptions if w not in used)
 
     def counts(self) -> dict[str, int]:
+        """Sizes of each level, compared against the published vocabulary."""
         return {
             "regions": len(self.regions),
             "coarse": len(self.coarse_keys),
@@ -75,6 +79,7 @@ class Vocabulary:
         }
 
     def matches_published_counts(self) -> bool:
+        """Whether the sizes equal the published HCL-AL vocabulary's."""
         return self.counts() == PUBLISHED_COUNTS
 
     @property
@@ -88,6 +93,7 @@ class Vocabulary:
         cls, vocabulary: Mapping[str, Any], descriptions: Mapping[str, Any], *, vocabulary_sha256: str = "",
         descriptions_sha256: str = "",
     ) -> Vocabulary:  # fmt: skip
+        """A vocabulary from the two parsed JSON files, validated; bad input raises a model error."""
         if not isinstance(vocabulary, Mapping) or not vocabulary:
             raise ModelError("vocabulary JSON must be a non-empty object {region: {...}}", code="vocabulary_invalid")
         if not isinstance(descriptions, Mapping) or not all(isinstance(v, str) for v in descriptions.values()):

@@ -32,10 +32,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipelines.dicom.volume import Volume
 from pipelines.errors import InputError, ModelError
@@ -95,7 +97,9 @@ def capture_attention(trunk: torch.nn.Module) -> Iterator[_Captured]:
     """
     captured = _Captured([])
     saved, hooks = [], []
-    for block in trunk.blocks:  # type: ignore[union-attr]
+    # timm VisionTransformer.blocks: attn.fused_attn / attn.attn_drop are not typed through nn.Module
+    blocks: Any = trunk.blocks
+    for block in blocks:
         attn = block.attn
         saved.append(attn.fused_attn)
         attn.fused_attn = False
@@ -103,7 +107,7 @@ def capture_attention(trunk: torch.nn.Module) -> Iterator[_Captured]:
     try:
         yield captured
     finally:
-        for block, fused, hook in zip(trunk.blocks, saved, hooks, strict=True):  # type: ignore[union-attr]
+        for block, fused, hook in zip(blocks, saved, hooks, strict=True):
             block.attn.fused_attn = fused
             hook.remove()
 
@@ -132,7 +136,7 @@ def block_cams_by_backward(target: torch.Tensor, attention: list[torch.Tensor]) 
     """
     cams: list[torch.Tensor | None] = [None] * len(attention)
 
-    def fold(i: int, a: torch.Tensor):  # type: ignore[no-untyped-def]
+    def fold(i: int, a: torch.Tensor):
         def hook(grad: torch.Tensor) -> None:
             cams[i] = block_cam(a.detach(), grad)
 
@@ -213,7 +217,7 @@ def relevance_map(encoder: StudyEncoder, ct: Volume, finding_id: str, *, body_pa
     index = ids.index(finding_id)
     sel, prepared = encoder.prepare(ct, body_part_examined=body_part_examined)
     model = encoder.model
-    trunk = model.visual.trunk  # type: ignore[union-attr]
+    trunk = cast(nn.Module, cast(nn.Module, model.visual).trunk)  # open_clip TimmModel.trunk (a timm ViT)
     param = next(model.parameters())
     x = prepared.tensor.to(param.device, param.dtype)
     # [2, D] rows (negative, positive); cloned because the classifier was built in inference mode

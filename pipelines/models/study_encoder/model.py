@@ -23,10 +23,10 @@ import copy
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,6 +60,7 @@ def register_configs(extra_dir: str | Path | None = None) -> None:
 
 @dataclass(frozen=True)
 class HlipCheckpoint:
+    """A loaded HLIP checkpoint, pinned by its file hash."""
     path: str
     sha256: str
     state_dict: dict[str, torch.Tensor]
@@ -162,6 +163,7 @@ class VisionOnly(nn.Module):
         self.visual = visual_tower
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Visual features of an input batch, unit-normalised on request (CLIP's interface)."""
         features = self.visual(image)
         return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
@@ -200,7 +202,8 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Non
         ) from exc
 
 
-def tokenizer_for(text_dir: str | Path, context_length: int):  # type: ignore[no-untyped-def]
+def tokenizer_for(text_dir: str | Path, context_length: int):
+    """The Hugging Face tokenizer in ``text_dir`` (local files only: no downloads at run time)."""
     from open_clip.tokenizer import HFTokenizer
 
     return HFTokenizer(str(Path(text_dir).resolve()), context_length=context_length)
@@ -289,7 +292,8 @@ class StudyEncoder:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm study embeddings ``[B, E]`` for model inputs ``[B, N, 1, D, H, W]``."""
         param = next(self.model.parameters())
-        return self.model.encode_image(x.to(param.device, param.dtype), normalize=True).float()
+        encode = cast("Callable[..., torch.Tensor]", self.model.encode_image)  # CLIP or VisionOnly method
+        return encode(x.to(param.device, param.dtype), normalize=True).float()
 
     def prepare(self, ct: Volume, *, body_part_examined: str | None = None
                 ) -> tuple[thorax.ThoraxSelection, preprocess.PreparedInput]:  # fmt: skip

@@ -1,6 +1,6 @@
 """Chest-CT preprocessing for the HLIP CT-RATE model, step for step as published.
 
-HLIP v1 (``data/ct_rate/process.py`` + ``zeroshot_ct_rate.py``, hlip-compat.md §9):
+HLIP v1 (``data/ct_rate/process.py`` + ``zeroshot_ct_rate.py``, HLIP, arXiv 2505.21862):
 
 1. HU (rescale already applied by :mod:`pipelines.dicom.series`), float32 array ``(z, y, x)``.
 2. Resample to (3, 1, 1) mm (z, y, x) with ``torch.nn.functional.interpolate`` trilinear
@@ -72,6 +72,7 @@ class CanonicalCt:
 
 @dataclass(frozen=True)
 class PreparedInput:
+    """The model input built from a CT, with where its crop lies in the patient."""
     tensor: torch.Tensor  # [1, 1, 1, D, H, W] float32, normalised
     crop_lps_min: tuple[float, float, float]  # LPS mm of the crop box's first voxel centre (x, y, z)
     crop_lps_max: tuple[float, float, float]
@@ -141,6 +142,7 @@ def resampled_position(m: np.ndarray | float, n_in: int, n_out: int) -> np.ndarr
 
 
 def window(x: torch.Tensor, hu: tuple[float, float] = CHEST_CT.window) -> torch.Tensor:
+    """Map HU to [0, 1] over the window."""
     lo, hi = hu
     return torch.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
@@ -176,6 +178,7 @@ def pad_crop(x: torch.Tensor, size: tuple[int, int, int], pads: tuple[int, int, 
 
 
 def normalize(x: torch.Tensor, params: ChestCtParams = CHEST_CT) -> torch.Tensor:
+    """Standardise with the training mean and std."""
     return (x - params.mean) / params.std
 
 
@@ -208,8 +211,8 @@ def preprocess_chest_ct(
     for ax in range(3):
         first = starts[ax] - pads[ax]
         last = first + params.size_zyx[ax] - 1
-        src = resampled_position(np.array([first, last]), n_in[ax], n_out[ax])
-        mm = ct.origin_lps[2 - ax] + src * ct.spacing_zyx[ax]
+        src_pos = resampled_position(np.array([first, last]), n_in[ax], n_out[ax])
+        mm = ct.origin_lps[2 - ax] + src_pos * ct.spacing_zyx[ax]
         lo.append(float(mm[0]))
         hi.append(float(mm[1]))
     description = {

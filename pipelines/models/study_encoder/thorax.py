@@ -37,6 +37,7 @@ MIN_LUNG_EXTENT_MM = 60.0
 
 @dataclass(frozen=True)
 class ThoraxSelection:
+    """How the chest crop was placed in a CT, and why."""
     covers_chest: bool
     mode: str  # "published_centre" | "lung_centred" | "not_chest"
     centre_lps: tuple[float | None, float | None, float | None]  # None: centre crop on that axis
@@ -47,6 +48,7 @@ class ThoraxSelection:
     reason: str
 
     def describe(self) -> str:
+        """The selection in words, for the report notes."""
         parts = [f"chest field of view: {self.mode}", self.reason]
         if self.body_part_examined:
             parts.append(f"BodyPartExamined={self.body_part_examined}")

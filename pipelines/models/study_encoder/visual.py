@@ -1,4 +1,4 @@
-"""HLIP hierarchical-attention 3D ViT trunk (arXiv 2505.21862; hlip-compat.md §3–§6).
+"""HLIP hierarchical-attention 3D ViT trunk (HLIP, arXiv 2505.21862).
 
 The trunk is a plain ViT-B whose blocks attend inside *windows* that change from block to
 block: a **slice** window is the ``h·w`` in-plane patches of one depth row of one scan, a
@@ -65,19 +65,20 @@ class HlipSpec:
             raise ModelError("HLIP block schedule does not cover every block", code="hlip_spec_invalid")
         if any(s % p for s, p in zip(self.img_size, self.patch_size, strict=True)):
             raise ModelError(f"img_size {self.img_size} is not a multiple of patch {self.patch_size}",
-                             code="hlip_spec_invalid")  # fmt: skip
+                             code="hlip_spec_invalid")
         if self.embed_dim % 6:
             raise ModelError("embed_dim must be divisible by 6 (3-D sin-cos position table)", code="hlip_spec_invalid")
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
+        """Tokens along (d, h, w)."""
         return tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))  # type: ignore[return-value]
 
     def block_levels(self) -> tuple[str, ...]:
         """The attention level of every block, from the three index tuples."""
         levels: list[str | None] = [None] * self.depth
         for name, idxs in ((SLICE, self.slice_attn_indexes), (SCAN, self.scan_attn_indexes),
-                           (STUDY, self.study_attn_indexes)):  # fmt: skip
+                           (STUDY, self.study_attn_indexes)):
             for i in idxs:
                 if not 0 <= i < self.depth or levels[i] is not None:
                     raise ModelError(f"block index {i} is out of range or assigned twice", code="hlip_spec_invalid")
@@ -125,7 +126,7 @@ class PatchEmbed3D(nn.Module):
         b, n = x.shape[:2]
         if any(s % p for s, p in zip(x.shape[-3:], self.patch_size, strict=True)):
             raise ModelError(f"input {tuple(x.shape[-3:])} is not a multiple of the patch {self.patch_size}",
-                             code="hlip_input_shape")  # fmt: skip
+                             code="hlip_input_shape")
         y = self.proj(x.flatten(0, 1))
         return y.permute(0, 2, 3, 4, 1).reshape(b, n, *y.shape[2:], y.shape[1])
 
@@ -155,14 +156,14 @@ class HlipVisionTransformer(nn.Module):
         if spec.max_num_scans > 1:
             seq = sincos_1d(spec.embed_dim, np.arange(spec.max_num_scans))
             self.sequential_posemb: nn.Parameter | None = nn.Parameter(torch.from_numpy(seq)[None].float(),
-                                                                        requires_grad=False)  # fmt: skip
+                                                                        requires_grad=False)
         else:
             self.sequential_posemb = None
         dpr = [float(x) for x in torch.linspace(0, drop_path_rate, spec.depth)]
         norm = _layer_norm
         self.blocks = nn.ModuleList(
             Block(spec.embed_dim, spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
-                  norm_layer=norm)  # fmt: skip
+                  norm_layer=norm)  # type: ignore[arg-type]  # timm calls norm_layer(dim); its annotation says type
             for i in range(spec.depth)
         )
         self.norm = norm(spec.embed_dim)
@@ -170,10 +171,12 @@ class HlipVisionTransformer(nn.Module):
 
     # timm / open_clip TimmModel interface -------------------------------------------
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """open_clip calls this; only the classifier-free trunk is supported."""
         if num_classes != 0 or global_pool not in (None, "token"):
             raise ModelError("the HLIP trunk only supports num_classes=0 with token pooling", code="hlip_spec_invalid")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:  # pragma: no cover - training only
+        """timm's training switch, kept for interface compatibility."""
         self.grad_checkpointing = enable
 
     # position embedding ------------------------------------------------------------
@@ -232,13 +235,14 @@ class HlipVisionTransformer(nn.Module):
         tokens = x[:, 1:].reshape(b, n, d, h, w, c)
         head = x[:, 0]
         cls = {SLICE: lambda: head.reshape(b, n, d, c), SCAN: lambda: head.reshape(b, n, c),
-               STUDY: lambda: head.reshape(b, c)}[level]()  # fmt: skip
+               STUDY: lambda: head.reshape(b, c)}[level]()
         return tokens, cls
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features of ``[B, N_scans, C, D, H, W]`` input."""
         if x.ndim != 6:
             raise ModelError(f"HLIP input must be [B, N_scans, C, D, H, W], got {tuple(x.shape)}",
-                             code="hlip_input_shape")  # fmt: skip
+                             code="hlip_input_shape")
         tokens = self.patch_embed(x)
         b, n, d, h, w, c = tokens.shape
         tokens = tokens + self._pos_embed((d, h, w), n).to(tokens.dtype)
@@ -259,6 +263,7 @@ class HlipVisionTransformer(nn.Module):
         return self.norm(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's features."""
         return self.forward_features(x)[:, 0]
 
 
@@ -286,7 +291,7 @@ PUBLISHED_SPECS: dict[str, HlipSpec] = {
         img_size=(48, 224, 224), patch_size=(8, 16, 16), max_num_scans=40,
         slice_attn_indexes=(0, 3, 6, 9), scan_attn_indexes=(1, 4, 7, 10), study_attn_indexes=(2, 5, 8, 11),
     ),
-}  # fmt: skip
+}
 
 _REGISTERED: dict[str, HlipSpec] = {}
 
@@ -301,7 +306,7 @@ def register_hlip_variant(name: str, spec: HlipSpec) -> None:
     if name in _REGISTERED:
         if _REGISTERED[name] != spec:
             raise ModelError(f"HLIP variant {name!r} already registered with another architecture",
-                             code="hlip_spec_invalid")  # fmt: skip
+                             code="hlip_spec_invalid")
         return
     if timm.models.is_model(name):
         raise ModelError(f"timm already has a model named {name!r}", code="hlip_spec_invalid")
@@ -330,6 +335,7 @@ def register_hlip_variant(name: str, spec: HlipSpec) -> None:
 
 
 def registered_spec(name: str) -> HlipSpec:
+    """The spec registered under ``name``; raises a model error for an unknown one."""
     try:
         return _REGISTERED[name]
     except KeyError:
@@ -337,6 +343,7 @@ def registered_spec(name: str) -> HlipSpec:
 
 
 def register_published_variants() -> None:
+    """Register the published HLIP variants with open_clip (idempotent)."""
     for name, spec in PUBLISHED_SPECS.items():
         register_hlip_variant(name, spec)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from pipelines.findings import ZeroShotFinding
 
 @dataclass(frozen=True)
 class ZeroShotClassifier:
+    """Precomputed text weights of a prompt set, scoring image embeddings without the text tower."""
     prompt_set: PromptSet
     weights: torch.Tensor  # [F, 2, D] float32, rows (negative, positive), unit norm
     logit_scale: float  # already exponentiated
@@ -55,7 +57,8 @@ def build_classifier(model: nn.Module, tokenizer: Callable[[list[str]], torch.Te
     for f in prompt_set.findings:
         neg, pos = prompt_set.texts(f)
         rows.append(torch.stack([_encode_texts(model, tokenizer, neg), _encode_texts(model, tokenizer, pos)]))
-    scale = float(model.logit_scale.exp().item())  # type: ignore[union-attr,operator]
+    logit_scale = cast(torch.Tensor, model.logit_scale)  # open_clip CLIP's learned temperature parameter
+    scale = float(logit_scale.exp().item())
     return ZeroShotClassifier(prompt_set, torch.stack(rows).cpu(), scale)
 
 

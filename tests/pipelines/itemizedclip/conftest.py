@@ -1,4 +1,4 @@
-"""Tiny random-weight ItemizedCLIP checkpoints in the published layout (itemizedclip-compat.md §4).
+"""Tiny random-weight ItemizedCLIP checkpoints in the published layout (ItemizedCLIP, arXiv 2512.11141).
 
 The trunk is a small HLIP (embed 48, depth 3, slice/study/slice, image 24×48×64, patch
 8×16×16 → a **non-cubic** 3×3×4 token grid, so a wrong reshape order is visible); the CLIP
@@ -21,8 +21,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from library.prompts.itemized import load_item_prompt_set  # noqa: E402
-from pipelines.models.study_encoder import visual  # noqa: E402
+from library.prompts.itemized import load_item_prompt_set
+from pipelines.models.study_encoder import visual
 
 TINY_TRUNK = "itemizedclip_test_tiny_h2"
 TINY_MODEL = "itemizedclip-test-tiny"

@@ -1,4 +1,4 @@
-"""Token order and the map → patient (LPS) round trip (itemizedclip-compat.md §2, §6).
+"""Token order and the map → patient (LPS) round trip (ItemizedCLIP, arXiv 2512.11141).
 
 A marker voxel at a known patient position goes through the real chest-CT preprocessing; the
 token that received it gets a synthetic map peak; the map, reshaped and placed by
@@ -58,7 +58,7 @@ def test_peak_lands_on_the_patient_voxel(flipped: bool) -> None:
         vol = flipped_copy(vol)
         vol.frame_of_reference_uid = "1.2.3"
         assert np.allclose(vol.index_to_lps(np.array([90 - 1 - 57, 22, 20 - 1 - 13]))[0], marker)
-    prepared, grid, token, zyx, token_map = _round_trip(vol, marker)
+    _prepared, grid, token, zyx, token_map = _round_trip(vol, marker)
     # voxel level: the crop voxel holding the marker maps back to the marker's patient position exactly
     np.testing.assert_allclose((grid.crop_affine @ [zyx[2], zyx[1], zyx[0], 1.0])[:3], marker, atol=1e-6)
     # token level: the map's peak is that token, and the marker lies inside the token's patient box
@@ -83,7 +83,7 @@ def test_peak_after_resampling_and_point_centred_crop() -> None:
     # 2.5 mm slices and 0.8 mm pixels: trilinear resampling to (3, 1, 1) mm; crop centred on a point
     vol, marker = _volume((40, 110, 120), (0.8, 0.8, 2.5), (70, 31, 17))
     centre = (float(marker[0]) + 5.0, None, float(marker[2]) - 9.0)
-    prepared, grid, token, zyx, token_map = _round_trip(vol, marker, centre_lps=centre)
+    prepared, grid, _token, zyx, token_map = _round_trip(vol, marker, centre_lps=centre)
     assert prepared.description["crop_mode"] == ["centred_on_point", "centre", "centred_on_point"]
     voxel_lps = (grid.crop_affine @ [zyx[2], zyx[1], zyx[0], 1.0])[:3]
     np.testing.assert_array_less(np.abs(voxel_lps - marker), [1.0, 1.0, 3.0])  # within one working voxel
@@ -124,7 +124,7 @@ def test_trunk_token_order_is_d_h_w(tiny_itemized: dict[str, Path]) -> None:
             for lin in (block.attn.proj, block.mlp.fc2):
                 lin.weight.zero_()
                 lin.bias.zero_()
-    d_n, h_n, w_n = TINY_SPEC.grid_size
+    _d_n, h_n, w_n = TINY_SPEC.grid_size
     pd, ph, pw = PATCH
     for d, h, w in [(0, 0, 0), (2, 1, 3), (1, 2, 0), (0, 1, 2)]:
         x = torch.zeros(1, 1, 1, *TINY_SPEC.img_size)

@@ -1,4 +1,4 @@
-"""Published architecture and checkpoint layout (itemizedclip-compat.md §1, §3, §4), strict and safe loading."""
+"""Published architecture and checkpoint layout (ItemizedCLIP, arXiv 2512.11141), strict and safe loading."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Independent re-implementation of itemizedclip-compat.md §2, §3, §5, §6 pins the module's outputs.
+"""Independent re-implementation of ItemizedCLIP (arXiv 2512.11141) pins the module's outputs.
 
 Written from the contract text, not from :mod:`pipelines.models.itemizedclip`: the text side is
 a plain ``transformers.BertModel`` (no pooler) with the checkpoint's ``text.transformer.*``

@@ -1,6 +1,6 @@
 """Random-weight HCL-AL checkpoints written in the published dict layout, for tests.
 
-The key names and shapes come from hcl-al-compat.md §6/§7/§12, written out here
+The key names and shapes come from the HCL-AL reference code (Gao et al. 2025), written out here
 independently of Locus's network code, so strict loading by Locus is a real check of the
 layout.  Shapes can be shrunk (text width/layers, embedding size, crop size) to keep
 tests fast; the full-size layout is the default of :func:`expected_layout`.

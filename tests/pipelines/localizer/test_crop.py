@@ -1,4 +1,4 @@
-"""Crop parity with an independent implementation of the contract (hcl-al-compat.md §3–§4).
+"""Crop parity with an independent implementation of the contract (HCL-AL, Gao et al. 2025).
 
 The reference implementation below does not use SimpleITK for resampling: it maps every
 output voxel centre (origin ``c − size·spacing/2``, identity direction, ``[x, y, z]`` order)

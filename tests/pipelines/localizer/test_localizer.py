@@ -1,7 +1,7 @@
 """End to end: Locus's cached, batched localizer against the reference procedure.
 
 ``reference_procedure`` below is a straightforward transcription of the contract
-(hcl-al-compat.md §2–§5, §8, §9) for one lesion at a time: it re-reads both JSON files,
+(HCL-AL, Gao et al. 2025) for one lesion at a time: it re-reads both JSON files,
 rebuilds the tokenizer and re-encodes every candidate text per lesion, crops with
 ``ResampleImageFilter`` from a float32 centre, finds the lesion by 26-connected components
 and IoU, normalises, transposes to ``[x, y, z]``, and post-processes with the reference
@@ -274,7 +274,7 @@ def test_cli_box_and_mask_modes_write_reference_columns(model_dir: Path, vocab_p
     assert fields[:10] == ["class", "image_path", "image_path1", "image_path2", "x", "y", "z", "width", "height", "depth"]
     assert fields[-3:] == ["locus_flags", "locus_model_id", "locus_model_sha256"]
     # 26-connected components of all nonzero voxels: the big lesion 4 encloses 1, 2 and 3 → one component
-    cc, n = ndimage.label(scene["labels"] > 0, structure=np.ones((3, 3, 3)))
+    _cc, n = ndimage.label(scene["labels"] > 0, structure=np.ones((3, 3, 3)))
     assert len(rows) == n
     assert all(r["class"] == "bbox" for r in rows)
     assert "large_lesion" in rows[0]["locus_flags"]

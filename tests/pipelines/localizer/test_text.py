@@ -65,7 +65,7 @@ class _RefBlock(nn.Module):
 
 
 class RefTextEncoder(nn.Module):
-    """The architecture of hcl-al-compat.md §7 written out directly (sequence-first MHA, LND)."""
+    """The HCL-AL text tower (Gao et al. 2025) written out directly (sequence-first MHA, LND)."""
 
     def __init__(self, width: int, layers: int, heads: int, context: int, vocab: int, out: int,
                  act: type[nn.Module] = _QuickGELU) -> None:  # fmt: skip

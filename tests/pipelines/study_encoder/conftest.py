@@ -19,8 +19,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from library.prompts import load_prompt_set  # noqa: E402
-from pipelines.models.study_encoder import visual  # noqa: E402
+from library.prompts import load_prompt_set
+from pipelines.models.study_encoder import visual
 
 TINY_TRUNK = "hlip_test_tiny_h2"
 TINY_MODEL = "hlip-test-tiny"

@@ -74,7 +74,7 @@ def test_small_volume_is_padded_symmetrically_with_zero_after_window() -> None:
     one, zero = (1 - SMALL.mean) / SMALL.std, (0 - SMALL.mean) / SMALL.std
     assert out.shape == (16, 48, 48)
     occupied = torch.isclose(out, torch.tensor(one))
-    zs, ys, xs = (torch.nonzero(occupied.any(dim=d)).flatten() for d in ((1, 2), (0, 2), (0, 1)))
+    zs, ys, _xs = (torch.nonzero(occupied.any(dim=d)).flatten() for d in ((1, 2), (0, 2), (0, 1)))
     assert (zs.min().item(), zs.max().item()) == (3, 12)  # pad 6 → 3 before, 3 after
     assert (ys.min().item(), ys.max().item()) == (4, 43)  # pad 8 → 4 before
     assert torch.isclose(out[0, 0, 0], torch.tensor(zero))

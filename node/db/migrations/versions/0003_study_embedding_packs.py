@@ -41,7 +41,7 @@ def _le(typecode: str, values: Sequence[int]) -> bytes:
 def _codes(vectors: bytes, count: int, dim: int) -> dict[str, bytes]:
     """Frozen copy of ``node.db.embedding_codes.quantize`` (``embedding_packs.verify`` checks they agree)."""
     v = np.frombuffer(vectors, "<f4").reshape(count, dim).astype(np.float64)
-    finite = np.isfinite(v).all(axis=1)
+    finite = np.asarray(np.isfinite(v).all(axis=1))
     v = np.where(finite[:, None], v, 0.0)
     scales = (np.abs(v).max(axis=1) / 127).astype(np.float32)
     s = scales.astype(np.float64)
