@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+
 from node.db import repo
 from node.storage import is_valid_uid
 

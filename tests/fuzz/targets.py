@@ -423,7 +423,7 @@ def seg_target(seed_index: int, mode: str, ops: Ops) -> str:
         n = r.segment_number
         if r.mask.ndim != 3 or r.mask.dtype != bool:
             raise ContractViolation(f"segment {n}: mask {r.mask.shape} {r.mask.dtype}")
-        if r.mask.size and not all(0 <= o and o + m <= g for o, m, g in zip(r.offset, r.mask.shape,
+        if r.mask.size and not all(o >= 0 and o + m <= g for o, m, g in zip(r.offset, r.mask.shape,
                                                                           r.grid_shape, strict=True)):
             raise ContractViolation(f"segment {n}: mask {r.mask.shape} at {r.offset} outside grid {r.grid_shape}")
         if not all(math.isfinite(float(v)) for v in r.affine.ravel()):

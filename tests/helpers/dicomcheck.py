@@ -52,13 +52,9 @@ def path_like(text: str) -> list[str]:
         token = raw.strip(_WRAP).rstrip(".")
         if not token or "://" in token:
             continue
-        if "\\" in token:
-            found.append(token)
-        elif token.startswith(("/", "~/", "./", "../")) and (
+        if "\\" in token or (token.startswith(("/", "~/", "./", "../")) and (
             token.count("/") >= 2 or re.search(r"\.[A-Za-z0-9]{1,5}$", token)
-        ):
-            found.append(token)
-        elif "/" in token and token.lower().endswith(".dcm"):
+        )) or ("/" in token and token.lower().endswith(".dcm")):
             found.append(token)
     return found
 

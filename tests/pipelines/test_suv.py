@@ -303,7 +303,7 @@ def test_missing_dose_falls_back_to_bqml(data_dir: Path) -> None:
 def test_missing_radiopharmaceutical_sequence_falls_back_to_bqml(data_dir: Path) -> None:
     """Issue 12, defect 3: no Radiopharmaceutical Information Sequence at all is still Bq/ml."""
     for case in ("GE_MEDICAL_AND_BQML", "PHILIPS_CNTS_AND_BQML_SUV"):
-        def no_sequence(ds: Dataset) -> None:
+        def no_sequence(ds: Dataset, case: str = case) -> None:
             del ds.RadiopharmaceuticalInformationSequence
             if case.startswith("PHILIPS"):  # only the activity factor: the SUV factor would bypass the dose
                 del ds[0x70531000]

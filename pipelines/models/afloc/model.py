@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ class AflocModel(nn.Module):
         self.img_encoder = ImageEncoder(self.text_encoder.embedding_dim)
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> Any:
         return self.text_encoder.tokenizer
 
     def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

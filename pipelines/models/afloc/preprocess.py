@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ DICOM_TO_UINT8 = "afloc-eval-utils-dicom: pixel*255/max, |.|, rint, saturate; MO
 PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 
-def _cv2():  # type: ignore[no-untyped-def]
+def _cv2() -> Any:
     import cv2  # opencv-python-headless, pinned in pyproject (bit-exact INTER_AREA, §3.2)
 
     return cv2

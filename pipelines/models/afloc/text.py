@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def clean_prompt(text: str) -> str:
     return " ".join(kept)
 
 
-def load_tokenizer(text_dir: str | Path):  # type: ignore[no-untyped-def]
+def load_tokenizer(text_dir: str | Path) -> Any:
     """The WordPiece tokenizer from a local directory (``vocab.txt``); never downloads."""
     from transformers import AutoTokenizer
 
@@ -55,7 +56,7 @@ def load_tokenizer(text_dir: str | Path):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def tokenize(tokenizer, prompts: Sequence[str], *, clean: bool = True) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+def tokenize(tokenizer: Any, prompts: Sequence[str], *, clean: bool = True) -> dict[str, torch.Tensor]:
     """Clean (optionally) and encode each prompt to 97 ids: truncation on, padded to ``max_length`` (§5.1)."""
     texts = [clean_prompt(p) if clean else p for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", truncation=True, padding="max_length", max_length=MAX_TOKENS)

@@ -40,6 +40,10 @@ HEAD_IMPLEMENTATION = "locus-clear-abmil-1.0"
 class AbmilHead(nn.Module):
     """Ilse et al. attention pooling + CLEAR's classifier; returns logits and per-slice attention."""
 
+    # Buffers (saved with the head): one temperature per output, and whether they were fitted.
+    temperature: torch.Tensor
+    calibrated: torch.Tensor
+
     def __init__(self, in_dim: int, n_outputs: int, *, hidden: int = 256, attn_dim: int = 256,
                  gated: bool = False, dropout: float = 0.5) -> None:  # fmt: skip
         super().__init__()

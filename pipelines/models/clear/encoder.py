@@ -73,7 +73,7 @@ def build_backbone(arch: str) -> tuple[nn.Module, int]:
                          code="model_unknown")  # fmt: skip
     builder, dim = ARCHITECTURES[arch]
     net = builder()
-    net.fc = nn.Identity()  # type: ignore[assignment]
+    net.fc = nn.Identity()
     return net, dim
 
 

@@ -86,7 +86,7 @@ class SlicePreprocessing:
             return cls(
                 size=int(data["size"]),
                 z_spacing_mm=float(data["z_spacing_mm"]),
-                ct_windows=tuple((float(l), float(w)) for l, w in data["ct_windows"]),
+                ct_windows=tuple((float(level), float(width)) for level, width in data["ct_windows"]),
                 suv_max=float(data["suv_max"]),
                 mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
@@ -111,7 +111,7 @@ class SliceGrid:
     size: int
     n_slices: int
 
-    def z_of(self, s: np.ndarray | int) -> np.ndarray:
+    def z_of(self, s: np.ndarray | float) -> np.ndarray:
         return self.z0 + np.asarray(s, dtype=np.float64) * self.z_spacing_mm
 
     def slice_of(self, z_mm: np.ndarray | float) -> np.ndarray:

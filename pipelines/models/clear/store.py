@@ -125,7 +125,7 @@ class SliceFeatures:
     def pack(self) -> bytes:
         """One blob: magic, 4-byte header length, JSON header (text fields), then the three byte fields."""
         rec = self.to_record()
-        header = {k: v for k, v in rec.items() if isinstance(v, str)}
+        header: dict[str, object] = {k: v for k, v in rec.items() if isinstance(v, str)}
         header["lengths"] = [len(rec["features"]), len(rec["z_mm"]), len(rec["ct_index"])]
         hb = json.dumps(header, sort_keys=True).encode()
         return _MAGIC + struct.pack("<I", len(hb)) + hb + rec["features"] + rec["z_mm"] + rec["ct_index"]

@@ -27,11 +27,14 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from pipelines.models.afloc.model import AflocModel, build_model  # noqa: E402
+from pipelines.models.afloc.model import AflocModel, build_model
 
-WORDS = ("findings suggesting pneumo ##thorax no edema pleural effusion left right small large the of with "
-         "lung opacity cardio ##megaly consolidation atelectasis pneumonia fracture support devices lesion "
-         "enlarged cardiomediastinum thickening mild severe . 5 cm nodule a b c d e f").split()  # fmt: skip
+WORDS = [
+    "findings", "suggesting", "pneumo", "##thorax", "no", "edema", "pleural", "effusion", "left", "right",
+    "small", "large", "the", "of", "with", "lung", "opacity", "cardio", "##megaly", "consolidation",
+    "atelectasis", "pneumonia", "fracture", "support", "devices", "lesion", "enlarged", "cardiomediastinum",
+    "thickening", "mild", "severe", ".", "5", "cm", "nodule", "a", "b", "c", "d", "e",
+    "f"]  # fmt: skip
 HIDDEN = 32
 MAX_POSITIONS = 128
 
@@ -39,8 +42,11 @@ MAX_POSITIONS = 128
 def write_text_dir(path: Path) -> Path:
     from transformers import BertConfig
 
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    path.mkdir(parents=True,
+    exist_ok=True)
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]",
+    "[MASK]", *WORDS,
+]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
     BertConfig(vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4,
@@ -86,7 +92,7 @@ class _Stateful:
 def _install_fakes() -> tuple[dict[str, Any], dict[str, type]]:
     saved = {}
     classes: dict[str, type] = {}
-    for module, names in _FAKE.items():
+    for module in _FAKE:
         parts = module.split(".")
         for i in range(1, len(parts) + 1):
             name = ".".join(parts[:i])

@@ -61,19 +61,19 @@ def test_missing_and_unexpected_keys_refused(afloc_assets: dict[str, Any], tmp_p
     sd = published_state_dict(afloc_assets["model"])
     del sd["afloc.img_encoder.local2_embedder.weight"]
     ckpt = read_checkpoint(_write(tmp_path, envelope(sd)))
-    with pytest.raises(ModelError, match="1 missing.*local2_embedder") as err:
+    with pytest.raises(ModelError, match=r"1 missing.*local2_embedder") as err:
         load_strict(build_model(afloc_assets["text_dir"]), ckpt.state_dict)
     assert err.value.code == "checkpoint_layout"
     sd = published_state_dict(afloc_assets["model"])
     sd["afloc.img_encoder.local_f_embedder.weight"] = torch.zeros(2, 2)  # use_ce_loss variant: not the published one
     ckpt = read_checkpoint(_write(tmp_path, envelope(sd), "y.ckpt"))
-    with pytest.raises(ModelError, match="1 unexpected.*local_f_embedder"):
+    with pytest.raises(ModelError, match=r"1 unexpected.*local_f_embedder"):
         load_strict(build_model(afloc_assets["text_dir"]), ckpt.state_dict)
 
 
 def test_layout_errors_refused_with_reason(afloc_assets: dict[str, Any], tmp_path: Path) -> None:
     sd = {k.removeprefix("afloc."): v for k, v in published_state_dict(afloc_assets["model"]).items()}
-    with pytest.raises(ModelError, match="lacks the 'afloc.' prefix"):
+    with pytest.raises(ModelError, match=r"lacks the 'afloc\.' prefix"):
         read_checkpoint(_write(tmp_path, envelope(sd)))
     sd = published_state_dict(afloc_assets["model"])
     sd["afloc.text_encoder.model.embeddings.position_ids"] = torch.arange(128).flip(0).reshape(1, -1)
