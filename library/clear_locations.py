@@ -1,7 +1,7 @@
 """CLEAR's lesion-location labels from the anatomy library, as versioned data (``data/clear_locations.yaml``).
 
 CLEAR's lesion-location task is 8-way multi-label in this order: bone, abdomen, mediastinum,
-liver, lung, kidney, soft tissue, pelvis (clear-compat.md §8).  Locus derives a study's labels
+liver, lung, kidney, soft tissue, pelvis (CLEAR, Ligero et al., MICCAI 2025).  Locus derives a study's labels
 from the coded sites of its lesions: a rule maps a library node (region, coarse location or
 site) to one label or to ``null`` (explicitly unmapped); the most specific rule on the
 site's path wins.  :func:`load_location_map` refuses a mapping that names unknown nodes or

@@ -1,10 +1,10 @@
 """Paired-negation prompt sets for AFLoc zero-shot classification, as versioned data.
 
-The published AFLoc code has no classification prompts (afloc-compat.md §9); the shipped
+The published AFLoc code has no classification prompts (YH0517/AFLoc 940e3d7); the shipped
 ``afloc_cxr_v1.json`` is Locus's reading of the paper's description (a finding prompt and its
 negation, scored against the global image embedding).  This loader only validates and types
 the file, and refuses any prompt the reference text cleaning would empty or truncate to one
-word (§5.2: pieces of ≤ 1 word are dropped, so ``"Edema"`` encodes as ``[CLS] [SEP]``).
+word (``process_text``, ``afloc_model.py:243-330``: pieces of ≤ 1 word are dropped, so ``"Edema"`` encodes as ``[CLS] [SEP]``).
 
 The format differs from the HLIP and ItemizedCLIP sets on purpose: a set loaded by the wrong
 loader fails with a protocol error instead of being scored with the wrong rule.

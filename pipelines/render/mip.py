@@ -1,7 +1,7 @@
 """Coronal and sagittal PET maximum-intensity projections with their geometry.
 
 A MIP is what radiologists read first on a whole-body PET, and the 2-D view AFLoc localizes on
-for PET/CT (afloc-compat.md §10.4).  A 2-D peak is only useful if it can be put back in the
+for PET/CT (pipelines/models/afloc/MODEL_CARD.md).  A 2-D peak is only useful if it can be put back in the
 patient, so every :class:`Mip` carries, besides the image:
 
 * ``depth`` — per pixel, the voxel index along the projection axis where the maximum was
@@ -45,6 +45,8 @@ _VIEWS: dict[str, tuple[int, int]] = {"coronal": (1, 0), "sagittal": (0, 1)}
 
 @dataclass(frozen=True)
 class Mip:
+    """A projection image with the geometry that puts any of its pixels back in the patient (voxel index and LPS mm)."""
+
     view: str
     image: np.ndarray  # [rows, cols] float32: maximum along the projection axis
     depth: np.ndarray  # [rows, cols] int64: voxel index along the projection axis of that maximum

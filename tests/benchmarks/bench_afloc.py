@@ -12,7 +12,7 @@ times, per image:
 * ``image forward``: trunk (224 → 299 upsample) + embedders, once per image (the reference
   re-encodes the image for every prompt; Locus does not);
 * ``text 14``: report embeddings of 14 phrases (one batch);
-* ``maps 14``: the §7 recipe (dot product, Gaussian, bilinear 224, min–max) for 14 phrases;
+* ``maps 14``: the ``eval/common.py`` recipe (dot product, Gaussian, bilinear 224, min–max) for 14 phrases;
 * ``mip``: coronal + sagittal MIP with arg-max depth of a 200 × 200 × 600 float32 PET.
 
 Prints minima and medians over ``--repeats`` rounds and the peak resident set of the process

@@ -17,7 +17,7 @@ for K = 16 and 64 (findings are random unit text embeddings: the cost does not d
 values), interleaved over ``--repeats`` rounds, and prints the minimum and median times and the
 ratios to the HLIP forward (target: the head adds under 10 % for 64 findings); the ratio uses
 the minima, the least load-disturbed estimate on a shared CPU.  It also prints the FLOP
-estimate of both parts (hlip-compat §13 rule for the trunk; the head counted matmul by matmul).
+estimate of both parts (HLIP, arXiv 2505.21862, rule for the trunk; the head counted matmul by matmul).
 Peak memory: each variant runs once in a fresh child process; on CUDA the allocator's peak
 above the loaded weights, on CPU the peak resident set above the one before the call, sampled
 every millisecond from ``/proc/self/statm`` by a thread (the CPU allocator keeps no per-call

@@ -6,7 +6,7 @@ Builds ``vit_base_singlescan_h2_token2744`` through open_clip (text tower: a sma
 config, which does not affect per-study image cost), writes and strictly loads a checkpoint
 in the published layout, then encodes a synthetic whole-body CT (512 x 512, 0.98 mm, 3 mm
 slices) and prints preprocessing / forward / zero-shot times and peak memory.  HLIP's README
-quotes ~0.1 s per study end to end on GPU (hlip-compat §13).
+quotes ~0.1 s per study end to end on GPU (HLIP, arXiv 2505.21862).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LeCL loss against the written formulas (clear-compat.md §5.2) on hand-made logits."""
+"""LeCL loss against the written formulas (CLEAR, arXiv 2411.16803) on hand-made logits."""
 
 from __future__ import annotations
 

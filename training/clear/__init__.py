@@ -1,4 +1,4 @@
-"""Training for Locus's CLEAR slice encoder and ABMIL endpoint heads (clear-compat.md §4-§5, §8, §10).
+"""Training for Locus's CLEAR slice encoder and ABMIL endpoint heads (CLEAR, Ligero et al., MICCAI 2025; docs/models/clear.md).
 
 * :mod:`.lecl` — the LeCL contrastive loss (MoCo v3 InfoNCE plus lesion-bearing keys as
   up-weighted hard negatives; paper reading by default, code reading as an option);

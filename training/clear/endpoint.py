@@ -1,6 +1,6 @@
-"""Training of one ABMIL endpoint head from stored slice features (clear-compat.md §8, §10).
+"""Training of one ABMIL endpoint head from stored slice features (docs/models/clear.md, Endpoint heads).
 
-Protocol (Locus's, departing from CLEAR's code where §9 lists a defect):
+Protocol (Locus's, departing from CLEAR's code where that code has a defect):
 
 * **patient-grouped k-fold** cross-validation (no patient's studies in both train and test),
   shuffled with a fixed seed; a **fresh head per fold** (CLEAR continues one model across folds);

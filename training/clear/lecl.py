@@ -5,11 +5,11 @@ and ``l_ij = q_i·k_j / τ``, the loss of query ``i`` is the InfoNCE
 ``−l_ii + log Σ_j exp(l_ij)`` (the own key is the positive), averaged and multiplied by ``2τ``;
 the total is symmetric, ``ctr(q₁, k₂) + ctr(q₂, k₁)``.
 
-LeCL (Ligero et al., MICCAI 2025; clear-compat.md §5.2) adds, for each query, the keys of the
+LeCL (Ligero et al., MICCAI 2025; arXiv 2411.16803) adds, for each query, the keys of the
 lesion-bearing samples ``𝓛`` (other than its own positive) a second time to the denominator,
 weighted by λ, so that abnormal slices act as hard negatives.  Two readings exist:
 
-* ``"paper"`` (default, the one the contract recommends):
+* ``"paper"`` (default, the formula written in the CLEAR paper):
   ``loss_i = −l_ii + log( Σ_j exp(l_ij) + λ · Σ_{j∈𝓛, j≠i} exp(l_ij) )`` — λ multiplies the
   exponential (a λ-times heavier copy of each lesion key);
 * ``"code"`` (upstream's implementation):

@@ -1,6 +1,6 @@
 """MoCo v3 (Chen, Xie, He, ICCV 2021) with LeCL's lesion-enhanced views, for the CLEAR slice encoder.
 
-Model (MoCo v3 §3 and Alg. 1; sizes as configured in CLEAR, clear-compat.md §4):
+Model (MoCo v3 §3 and Alg. 1; sizes as configured in CLEAR, docs/models/clear.md):
 
 * base encoder = backbone + projector; ResNet projector ``in → mlp_dim → dim``: Linear without
   bias, BatchNorm + ReLU after the hidden layer, a BatchNorm **without affine** after the last;
@@ -11,7 +11,7 @@ Model (MoCo v3 §3 and Alg. 1; sizes as configured in CLEAR, clear-compat.md §4
 * loss: :func:`training.clear.lecl.symmetric_lecl_loss` (plain MoCo v3 when no sample of the
   batch bears a lesion or the weight is 0).
 
-Views (LeCL sampling, clear-compat.md §5.1, with the upstream defects of §5.1 fixed):
+Views (LeCL sampling of the CLEAR paper, with the upstream code's defects fixed, docs/models/clear.md):
 
 * lesion-bearing slice: view A = a **square** crop **centred on the lesion box's centre**
   (upstream centres on a box corner and draws a non-square crop), side uniform in
@@ -120,7 +120,7 @@ def momentum_at(step: int, total_steps: int, m0: float, cosine: bool = True) -> 
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up then half-cosine to 0, per iteration (clear-compat §4)."""
+    """Linear warm-up then half-cosine to 0, per iteration (MoCo v3, as CLEAR configures it)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -1,9 +1,9 @@
-"""Reading AFLoc's PyTorch-Lightning 1.1.4 ``.ckpt`` without executing pickled code (afloc-compat.md §6).
+"""Reading AFLoc's PyTorch-Lightning 1.1.4 ``.ckpt`` without executing pickled code (AFLoc, YH0517/AFLoc).
 
 The published checkpoints cannot be read with ``torch.load(weights_only=True)``: the pickle
 uses the ``ModelCheckpoint`` class as a dict key and an OmegaConf ``DictConfig`` as
-``hyper_parameters`` (§6.1, §6.4).  A full unpickle would run whatever the file names, so
-this module implements the contract's restricted reader:
+``hyper_parameters`` (Lightning 1.1.4 ``checkpoint_connector.py``).  A full unpickle would run whatever the file names, so
+this module implements a restricted reader:
 
 * the torch zip is opened directly; the single ``<prefix>/data.pkl`` is unpickled by
   :class:`RestrictedUnpickler`, whose ``find_class`` resolves **only** tensor rebuilding
@@ -18,7 +18,7 @@ this module implements the contract's restricted reader:
   dtype, and tensors are ``as_strided`` views copied out.
 
 Then ``afloc.`` is stripped (text after the last occurrence, as ``builder.py:23-27``),
-``text_encoder.model.embeddings.position_ids`` dropped after checking it is 0…N−1 (§5.4),
+``text_encoder.model.embeddings.position_ids`` dropped after checking it is 0…N−1 (current transformers no longer store it),
 optimizer / scheduler / AMP / callback entries ignored, and the weights loaded strictly.
 """
 
@@ -62,7 +62,7 @@ _BUILTINS = {
     "int": int, "long": int, "float": float, "str": str, "unicode": str, "bool": bool,
     "list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset, "complex": complex,
 }  # fmt: skip
-#: Envelope globals that are turned into inert placeholders (§6.1, §6.4); anything else refuses the file.
+#: Envelope globals that are turned into inert placeholders; anything else refuses the file.
 _PLACEHOLDER_MODULE_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.")
 _PLACEHOLDER_GLOBALS = {
     ("typing", "Any"),
@@ -95,9 +95,11 @@ class Placeholder:
         self.items[key] = value
 
     def append(self, value: Any) -> None:
+        """Collect list items a pickled envelope appends, so the config can be recovered as plain data."""
         self.list_items.append(value)
 
     def extend(self, values: Any) -> None:
+        """Collect list items a pickled envelope extends with (the ``APPENDS`` opcode), as data only."""
         self.list_items.extend(values)
 
     def __repr__(self) -> str:
@@ -114,7 +116,7 @@ class _Storage:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """The allow-list unpickler of §6.4 over one torch zip archive."""
+    """The allow-list unpickler over one torch zip archive (no pickled code ever runs)."""
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
         super().__init__(io.BytesIO(data))
@@ -124,6 +126,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.used_placeholders: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
+        """Resolve only allow-listed globals; anything that could run code refuses the file."""
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor_v2
         if module == "torch._utils" and name == "_rebuild_parameter":
@@ -147,6 +150,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
+        """Read a tensor storage from the archive by its key, checking its size, without trusting the pickle."""
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
             raise ModelError(f"checkpoint refused: unexpected persistent id {str(pid)[:80]}", code="checkpoint_unsafe")
         dtype, key, numel = pid[1], str(pid[2]), int(pid[4])
@@ -186,7 +190,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
 
 
 def _plain(obj: Any, depth: int = 0) -> Any:
-    """Recover plain Python from placeholder-wrapped OmegaConf nodes (§6.4): ``_content`` / ``_val``."""
+    """Recover plain Python from placeholder-wrapped OmegaConf nodes: ``_content`` / ``_val``."""
     if depth > 64:
         return None
     if isinstance(obj, Placeholder):
@@ -269,7 +273,7 @@ def read_pickle_archive(source: bytes | str | Path) -> tuple[Any, set[str]]:
 
 
 def rename_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-    """``afloc.`` renaming (text after its last occurrence) and the ``position_ids`` check/drop (§6.2, §5.4)."""
+    """``afloc.`` renaming (text after its last occurrence) and the ``position_ids`` check/drop (current transformers)."""
     out: dict[str, torch.Tensor] = {}
     adjustments: list[str] = []
     for key, value in state_dict.items():

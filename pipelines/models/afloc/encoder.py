@@ -4,7 +4,7 @@ Registration follows the other families: an :class:`AflocConfig` names the check
 local text directory (``config.json`` + ``vocab.txt``; nothing downloaded); loading pins and
 records the checkpoint sha256, the weights digest and the vocabulary sha256, and
 :meth:`AflocEncoder.model_info` is the :class:`~pipelines.findings.ModelInfo` written into
-results.  The reference re-encodes the image for every prompt (§2); the image embeddings do
+results.  The reference re-encodes the image for every prompt (the upstream inference path); the image embeddings do
 not depend on the prompt, so Locus encodes it once — the same numbers, 14× less work.
 """
 
@@ -32,16 +32,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AflocConfig:
+    """What a deployment pins for one AFLoc model: files, expected hash, prompts and preprocessing, so a report can name them."""
+
     checkpoint: str | Path
     text_dir: str | Path
     model_id: str | None = None  # default "afloc-<first 12 hex of the checkpoint sha256>"
     expected_sha256: str = ""  # pin: refuse a checkpoint whose bytes changed
     prompt_set: str = "afloc_cxr_v1"
-    preprocessing: str = preprocess.DICOM_TO_UINT8  # recorded in the manifest (§3.1)
+    preprocessing: str = preprocess.DICOM_TO_UINT8  # recorded in the manifest (``eval/utils.py:148-158``)
 
 
 @dataclass(frozen=True)
 class ImageEncoding:
+    """One image's global and two local embeddings, kept so every phrase is scored without re-encoding the image."""
+
     global_emb: torch.Tensor  # [1, D]
     local: torch.Tensor  # [1, D, 19, 19]
     local2: torch.Tensor  # [1, D, 38, 38]
@@ -66,9 +70,11 @@ class AflocEncoder:
 
     @property
     def model_id(self) -> str:
+        """The configured id, else one derived from the checkpoint hash, so a changed file never reuses an id."""
         return self.config.model_id or f"afloc-{self.checkpoint.sha256[:12]}"
 
     def manifest(self) -> dict[str, Any]:
+        """Everything that determines the outputs (hashes, versions, adjustments, prompts), recorded with each result."""
         return {
             "model_id": self.model_id, "implementation": AFLOC_IMPLEMENTATION,
             "checkpoint_sha256": self.checkpoint.sha256, "weights_sha256": self.weights_sha256,
@@ -78,12 +84,14 @@ class AflocEncoder:
         }  # fmt: skip
 
     def model_info(self) -> ModelInfo:
+        """The model's identity for reports; the library hash covers vocabulary and prompt set, which also change scores."""
         library = hashlib.sha256(f"{self.vocab_sha256}\n{self.prompt_set.sha256}\n".encode()).hexdigest()
         return ModelInfo(model_id=self.model_id, name=AFLOC_NAME, version=AFLOC_IMPLEMENTATION,
                          sha256=self.checkpoint.sha256, library_hash=library)  # fmt: skip
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> ImageEncoding:
+        """Embed one preprocessed ``[1,3,224,224]`` image once; maps and zero-shot scores reuse the result."""
         if tuple(x.shape) != (1, 3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE):
             raise ModelError(f"AFLoc input must be [1,3,224,224], got {tuple(x.shape)}", code="afloc_input_shape")
         g, local, local2 = self.model.encode_image(x.to(self.device))
@@ -93,7 +101,7 @@ class AflocEncoder:
     def report_embeddings(self, phrases: list[str]) -> torch.Tensor:
         """``[N, D]`` report embeddings; computed once per phrase (they do not depend on the image).
 
-        Batched and single-prompt encodings are identical upstream (§5.2), so caching and batching
+        Batched and single-prompt encodings are identical upstream (``process_text``, ``afloc_model.py:243-330``), so caching and batching
         change no number.
         """
         todo = list(dict.fromkeys(p for p in phrases if p not in self._report_cache))
@@ -104,7 +112,7 @@ class AflocEncoder:
         return torch.stack([self._report_cache[p] for p in phrases])
 
     def localize(self, image: ImageEncoding, phrases: list[str], *, margin: bool = False) -> list[np.ndarray]:
-        """One [−1, 1] map per phrase (the §7 recipe; ``margin=True`` for the evaluation protocol)."""
+        """One [−1, 1] map per phrase (the ``eval/common.py`` recipe; ``margin=True`` for the evaluation protocol)."""
         reports = self.report_embeddings(phrases)
         return [maps.localization_map(image.local, reports[i], margin=margin) for i in range(len(phrases))]
 

@@ -1,4 +1,4 @@
-"""Phrase → localization map, the published recipe (afloc-compat.md §7, ``eval/common.py:114-182, 240-283``).
+"""Phrase → localization map, the published recipe (AFLoc, YH0517/AFLoc 940e3d7 ``eval/common.py:114-182, 240-283``).
 
 1. raw map ``M[i,j] = Σ_c E[i,j,c]·t[c]`` — layer3 local embeddings (19×19) against the
    **report** embedding of the phrase, unnormalised;
@@ -9,7 +9,7 @@
 5. min–max to [−1, 1] over the non-NaN pixels.
 
 The result is relative evidence, not a presence score: min–max always stretches to the full
-range, so every phrase has a peak even when the finding is absent (§7 notes).
+range, so every phrase has a peak even when the finding is absent (see MODEL_CARD.md, Maps).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipelines.errors import ModelError
 
 SIGMA = 1.5
 MAP_SIZE = 224
-#: ``set_margin`` defaults: ``(224 − int(448·224/512)) / 2`` = 14 pixels each side (§7 step 4).
+#: ``set_margin`` defaults: ``(224 − int(448·224/512)) / 2`` = 14 pixels each side (``eval/common.py``).
 MARGIN = (MAP_SIZE - int(448 * MAP_SIZE / 512)) // 2
 #: ``numpy.arange(0.1, 0.6, 0.1)`` — the exact floats (0.30000000000000004 included), strict ``>``.
 THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.arange(0.1, 0.6, 0.1))
@@ -52,6 +52,7 @@ def upsample(smoothed: np.ndarray, size: int = MAP_SIZE) -> np.ndarray:
 
 
 def set_margin(m: np.ndarray, margin: int = MARGIN) -> np.ndarray:
+    """Blank a border to NaN as the evaluation protocol does, so min-max and thresholds ignore the padded edge."""
     out = np.array(m, dtype=np.float32, copy=True)
     if margin > 0:
         out[:margin, :] = np.nan
@@ -64,8 +65,8 @@ def set_margin(m: np.ndarray, margin: int = MARGIN) -> np.ndarray:
 def minmax(m: np.ndarray) -> np.ndarray:
     """``(m − min)/(max − min)·2 − 1`` over non-NaN pixels; NaN stay NaN.
 
-    A constant map has no relative evidence: upstream returns a flattened array there (a bug,
-    §7 step 5); Locus raises instead of producing a map.
+    A constant map has no relative evidence: upstream returns a flattened array there (a bug in
+    ``eval/common.py``); Locus raises instead of producing a map.
     """
     lo, hi = np.nanmin(m), np.nanmax(m)
     if not np.isfinite(lo) or not np.isfinite(hi) or hi == lo:
@@ -90,6 +91,6 @@ def localization_map(local: torch.Tensor, report: torch.Tensor, *, margin: bool)
 
 
 def masks(m: np.ndarray) -> dict[float, np.ndarray]:
-    """``map > thr`` (strict; NaN is never selected) for the five reference thresholds (§7 step 6)."""
+    """``map > thr`` (strict; NaN is never selected) for the five reference thresholds (``eval/common.py``)."""
     with np.errstate(invalid="ignore"):
         return {thr: np.asarray(m > thr) for thr in THRESHOLDS}

@@ -1,17 +1,17 @@
-"""The AFLoc network (afloc-compat.md §1, §4, §5.3), built offline with the published key names.
+"""The AFLoc network (AFLoc, YH0517/AFLoc 940e3d7: ``vision_model.py``, ``text_model.py``), built offline with the published key names.
 
-Module tree = checkpoint keys after the ``afloc.`` prefix is removed (§6.2):
+Module tree = checkpoint keys after the ``afloc.`` prefix is removed (the published ``state_dict``):
 
 * ``img_encoder.model.{conv1,bn1,layer1..4}`` — torchvision ResNet-50 (v1.5), ``fc`` replaced
   by identity (no keys), its own ``avgpool`` unused;
 * ``img_encoder.global_embedder`` Linear 2048→768 (bias), ``img_encoder.local_embedder`` 1×1
   conv 1024→768 on layer3, ``img_encoder.local2_embedder`` 1×1 conv 512→768 on layer2, no
-  bias; ``local_f_embedder`` is not built (``use_ce_loss`` is None upstream, §4);
+  bias; ``local_f_embedder`` is not built (``use_ce_loss`` is None upstream, ``vision_model.py``);
 * ``text_encoder.model`` — ``BertModel`` (with pooler; its output is unused) from a local
-  ``config.json``; eager attention (SDPA moves the report embedding by ~1e-6, §5.4).
+  ``config.json``; eager attention (SDPA moves the report embedding by ~1e-6, measured).
 
 The embedding width is the text config's ``hidden_size`` (768 for Bio_ClinicalBERT), so tiny
-test models keep the same code path.  Nothing is L2-normalised anywhere (§4, §5.3).
+test models keep the same code path.  Nothing is L2-normalised anywhere (``vision_model.py``, ``text_model.py``).
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ from torch import nn
 from pipelines.errors import ModelError
 from pipelines.models.afloc import text as afloc_text
 
-#: ``Upsample(size=(299, 299), mode="bilinear", align_corners=True)`` inside the encoder (§4).
+#: ``Upsample(size=(299, 299), mode="bilinear", align_corners=True)`` inside the encoder (``vision_model.py``).
 TRUNK_INPUT = 299
 
 
 class ImageEncoder(nn.Module):
-    """``ImageEncoder`` of ``vision_model.py`` for ``resnet_50`` (§4)."""
+    """``ImageEncoder`` of ``vision_model.py`` for ``resnet_50``."""
 
     def __init__(self, embed_dim: int = 768) -> None:
         super().__init__()
         from torchvision.models import resnet50
 
-        self.model = resnet50(weights=None)  # the checkpoint supersedes ImageNet weights (§12)
+        self.model = resnet50(weights=None)  # the checkpoint supersedes ImageNet weights (MODEL_CARD.md, Weights)
         self.model.fc = nn.Identity()
         self.global_embedder = nn.Linear(2048, embed_dim)
         self.local_embedder = nn.Conv2d(1024, embed_dim, kernel_size=1, stride=1, padding=0, bias=False)
@@ -64,6 +64,8 @@ class ImageEncoder(nn.Module):
 
 @dataclass
 class TextEmbeddings:
+    """Word, sentence and report embeddings of a batch of prompts, with the words they stand for."""
+
     words: torch.Tensor  # [B, D, 97] word embeddings (sub-words summed, zero padded)
     sentences: torch.Tensor  # [B, D, 97] sentence units ([CLS], sentences, [SEP], zeros)
     report: torch.Tensor  # [B, D]
@@ -71,7 +73,7 @@ class TextEmbeddings:
 
 
 class TextEncoder(nn.Module):
-    """``BertEncoder`` (``text_model.py``) with ``agg_tokens`` and ``take_sent_as_units`` on (§5.3)."""
+    """``BertEncoder`` (``text_model.py``) with ``agg_tokens`` and ``take_sent_as_units`` on (``BertEncoder.forward``, ``text_model.py:108-206``)."""
 
     def __init__(self, text_dir: str | Path) -> None:
         super().__init__()
@@ -93,6 +95,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor) -> TextEmbeddings:  # fmt: skip
+        """BERT hidden states → sub-words merged into words, sentence units and the report embedding (last four layers summed)."""
         out = self.model(input_ids, attention_mask, token_type_ids, output_hidden_states=True, return_dict=True)
         hidden = torch.stack(out.hidden_states[-afloc_text.LAST_N_LAYERS :], dim=1)  # [B, 4, T, D]
         words_all, sents_all, reports, strings = [], [], [], []
@@ -119,6 +122,7 @@ class AflocModel(nn.Module):
 
     @property
     def tokenizer(self) -> Any:
+        """The text encoder's tokenizer, so prompts are tokenised exactly as the encoder expects."""
         return self.text_encoder.tokenizer
 
     def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,6 +130,7 @@ class AflocModel(nn.Module):
         return self.img_encoder(x)
 
     def encode_text(self, prompts: list[str], *, clean: bool = True) -> TextEmbeddings:
+        """Clean, tokenise and encode prompts as the published inference path does."""
         enc = afloc_text.tokenize(self.tokenizer, prompts, clean=clean)
         return self.text_encoder(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
 

@@ -1,12 +1,12 @@
-"""AFLoc image preprocessing, exactly as the published inference path (afloc-compat.md §3).
+"""AFLoc image preprocessing, exactly as the published inference path (AFLoc, YH0517/AFLoc 940e3d7: ``eval/utils.py``, ``_resize_img``).
 
 Order: 8-bit grayscale array → resize so the long side is 224 (OpenCV ``INTER_AREA``, size
 truncated toward zero) → zero-pad the short side (floor before, ceil after) → three identical
 channels → ``ToTensor`` (÷255) → ``Normalize(0.5, 0.5)``, i.e. ``2v/255 − 1``.
 
-The resize calls OpenCV itself (pinned ``opencv-python-headless``): the contract measured
+The resize calls OpenCV itself (pinned ``opencv-python-headless``): Locus measured
 that an area average re-implemented in NumPy differs from OpenCV on exact halves and on
-float32 near-halves, and one grey level on 20 pixels moves the maps by 0.022 (§3.2), so
+float32 near-halves, and one grey level on 20 pixels moves the maps by 0.022 (``_resize_img``, ``afloc_model.py:370-417``), so
 "close" is not good enough here.
 
 Two 8-bit conversions exist upstream and both are provided, named for what they reproduce:
@@ -32,19 +32,19 @@ from pipelines.errors import InputError
 
 #: Input side after resize-pad (``inference.py:30`` overrides ``imsize`` to 224).
 IMAGE_SIZE = 224
-#: Identifier of the CR/DX → 8-bit step recorded in the model manifest (contract §3.1).
+#: Identifier of the CR/DX → 8-bit step recorded in the model manifest (``eval/utils.py:148-158``).
 DICOM_TO_UINT8 = "afloc-eval-utils-dicom: pixel*255/max, |.|, rint, saturate; MONOCHROME1 inverted; no LUTs"
 PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 
 def _cv2() -> Any:
-    import cv2  # opencv-python-headless, pinned in pyproject (bit-exact INTER_AREA, §3.2)
+    import cv2  # opencv-python-headless, pinned in pyproject (bit-exact INTER_AREA, ``afloc_model.py:370-417``)
 
     return cv2
 
 
 def dicom_to_uint8(pixels: np.ndarray, photometric: str = "MONOCHROME2") -> np.ndarray:
-    """Stored pixel array → 8-bit, as ``eval/utils.py:148-158`` (contract §3.1).
+    """Stored pixel array → 8-bit, as ``eval/utils.py:148-158``.
 
     ``convertScaleAbs(x, alpha=255/max(x))`` then ``255 − v`` for MONOCHROME1.  Zero maps to
     zero (no minimum subtraction): reproduced on purpose, it is what the reference does.
@@ -78,7 +78,7 @@ def png16_to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where the source image sits in the 224×224 frame (to undo the pad and scale, §7 notes)."""
+    """Where the source image sits in the 224×224 frame (to undo the pad and scale of ``_resize_img``)."""
 
     source_rows: int
     source_cols: int
@@ -114,7 +114,7 @@ def resized_shape(rows: int, cols: int, size: int = IMAGE_SIZE) -> tuple[int, in
 
 
 def resize_pad(img8: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, Letterbox]:
-    """OpenCV ``INTER_AREA`` to the truncated size, then zero pad floor/ceil to ``size``² (§3.2)."""
+    """OpenCV ``INTER_AREA`` to the truncated size, then zero pad floor/ceil to ``size``² (``afloc_model.py:370-417``)."""
     arr = np.asarray(img8)
     if arr.dtype != np.uint8 or arr.ndim != 2:
         raise InputError(f"resize_pad needs a 2-D uint8 array, got {arr.dtype} {arr.shape}", code="afloc_dtype_unsupported")
@@ -137,7 +137,7 @@ def resize_pad(img8: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, Le
 
 
 def to_tensor(img224: np.ndarray) -> torch.Tensor:
-    """Gray → 3 identical channels, ``ToTensor`` then ``Normalize(0.5, 0.5)`` (§3.3): ``[1,3,S,S]`` float32.
+    """Gray → 3 identical channels, ``ToTensor`` then ``Normalize(0.5, 0.5)`` (``afloc/builder.py:167-223``): ``[1,3,S,S]`` float32.
 
     Same float32 operations as torchvision (``div(255)``, ``sub(0.5)``, ``div(0.5)``) so the
     result is bit-identical, not just close.
@@ -151,7 +151,7 @@ def to_tensor(img224: np.ndarray) -> torch.Tensor:
 
 
 def read_image_file(path: str | Path) -> np.ndarray:
-    """``cv2.imread(path, 0)`` as the reference reads PNG/JPEG files (16-bit PNG: high byte, §3.1)."""
+    """``cv2.imread(path, 0)`` as the reference reads PNG/JPEG files (16-bit PNG: high byte, as OpenCV reads it)."""
     p = Path(path)
     img = _cv2().imread(str(p), _cv2().IMREAD_GRAYSCALE)
     if img is None:

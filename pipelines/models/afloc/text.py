@@ -1,4 +1,6 @@
-"""AFLoc text side (afloc-compat.md §5): cleaning, tokenisation and the embedding aggregation.
+"""AFLoc text side: cleaning, tokenisation and the embedding aggregation.
+
+As YH0517/AFLoc 940e3d7 does it:
 
 * :func:`clean_prompt` — ``process_text`` (``afloc_model.py:243-330``): digit-period and
   period splitting, ``\\w+`` tokens, pieces of ≤ 1 token dropped *before* non-ASCII removal,
@@ -6,7 +8,7 @@
 * :func:`aggregate_words` / :func:`sentence_units` — ``aggregate_tokens`` and
   ``aggregate_tokens_sent_as_units`` (``text_model.py:35-106, 208-261``).
 * Report embedding: mean over the 97 word positions (zeros included) per layer, then the sum
-  of the last four layers — divided by 97, not by the token count (§5.3).
+  of the last four layers — divided by 97, not by the token count (``text_model.py:108-206``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ MAX_TOKENS = 97
 LAST_N_LAYERS = 4
 
 _NUMBERING = re.compile(r"[0-9]+\.")
-_WORD = re.compile(r"\w+")  # nltk RegexpTokenizer(r"\w+") is re.findall with UNICODE (§11)
+_WORD = re.compile(r"\w+")  # nltk RegexpTokenizer(r"\w+") is re.findall with UNICODE
 
 
 def clean_prompt(text: str) -> str:
-    """The inference text cleaning of §5.2, step by step."""
+    """The inference text cleaning of ``process_text`` (``afloc_model.py:243-330``), step by step."""
     text = text.replace("\n", " ")
     pieces = [sent for point in _NUMBERING.split(text) for sent in point.split(".")]
     kept: list[str] = []
@@ -57,7 +59,7 @@ def load_tokenizer(text_dir: str | Path) -> Any:
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], *, clean: bool = True) -> dict[str, torch.Tensor]:
-    """Clean (optionally) and encode each prompt to 97 ids: truncation on, padded to ``max_length`` (§5.1)."""
+    """Clean (optionally) and encode each prompt to 97 ids: truncation on, padded to ``max_length`` (``afloc_model.py:292-298``)."""
     texts = [clean_prompt(p) if clean else p for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", truncation=True, padding="max_length", max_length=MAX_TOKENS)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

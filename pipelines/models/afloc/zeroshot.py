@@ -1,14 +1,14 @@
-"""Zero-shot classification as the AFLoc paper describes it (afloc-compat.md §9).
+"""Zero-shot classification as the AFLoc paper describes it (Yang et al., arXiv 2401.02044).
 
-**Not in the published code** at the contract's commit (940e3d7): the repository has no
+**Not in the published code** at the pinned commit (YH0517/AFLoc 940e3d7): the repository has no
 prompts and no scoring; its only related function is an unused global cosine
 (``eval/common.py:92-112``).  Locus implements the paper's description: the L2-normalised
 global image embedding against the L2-normalised report embeddings of a finding prompt and
 its negation; probability = softmax over ``logit_scale · [cos_neg, cos_pos]`` (10 = temp3, the
-scale the global–report loss trained, §10.1) — rule ``"cosine"``.
+scale the global–report loss trained, ``afloc/models/losses.py``) — rule ``"cosine"``.
 
-Rule ``"raw-dot"`` is offered for comparison with a *later* upstream commit (b1f6b8d, outside
-the contract) whose classification head takes the unnormalised dot products of the global
+Rule ``"raw-dot"`` is offered for comparison with a *later* upstream commit (b1f6b8d, after
+the pinned one) whose classification head takes the unnormalised dot products of the global
 embedding with the positive and negative prompt embeddings and a softmax over the pair, with
 no scale.  Both are relative and uncalibrated: thresholds are a site's calibration.
 """
@@ -25,6 +25,8 @@ from library.prompts.afloc import AflocPromptSet
 
 @dataclass(frozen=True)
 class ZeroShotScore:
+    """One finding's score with both cosines kept, so an uncalibrated probability can be audited and re-thresholded."""
+
     finding_id: str
     cos_positive: float
     cos_negative: float

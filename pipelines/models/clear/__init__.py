@@ -1,6 +1,6 @@
 """CLEAR-style slice embeddings and attention-MIL endpoint heads (Ligero et al., MICCAI 2025).
 
-Re-implemented from the papers and ``clear-compat.md`` (CLEAR's own code is GPL-3.0 and was
+Re-implemented from the papers; model card docs/models/clear.md (CLEAR's own code is GPL-3.0 and was
 not used):
 
 * :mod:`.slices` — axial slices of CT and PET on one common grid (CT windows + SUV channels),

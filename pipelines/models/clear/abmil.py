@@ -1,13 +1,13 @@
 """Attention-MIL endpoint heads over a bag of slice embeddings (Ilse, Tomczak, Welling, ICML 2018).
 
-Layout (clear-compat.md §6, with the departures of §10):
+Layout (attention MIL, Ilse et al. 2018, arXiv 1802.04712, as used by CLEAR; departures in docs/models/clear.md):
 
 * instance encoder ``h_s = ReLU(W₁ x_s + b₁)``, ``D → 256``;
 * attention score, **non-gated** by default (Ilse et al. eq. 8, CLEAR's head):
   ``e_s = wᵀ tanh(V h_s + b_V) + b_w``; **gated** on request (Ilse et al. eq. 9):
   ``e_s = wᵀ (tanh(V h_s + b_V) ⊙ sigmoid(U h_s + b_U)) + b_w``;
 * attention ``a = softmax(e)`` over the slices of the bag **with a padding mask** (padded
-  scores are −∞, so padding never takes weight — CLEAR's head lets zero rows take part, §9);
+  scores are −∞, so padding never takes weight — CLEAR's head lets zero rows take part);
 * pooling ``z = Σ_s a_s h_s``; classifier ``LayerNorm(256) → Linear(256, 256) → Dropout(0.5)
   → SiLU → Linear(256, C)`` → logits (331,273 parameters for D = 768, C = 8, as CLEAR's).
 
@@ -63,6 +63,7 @@ class AbmilHead(nn.Module):
 
     @property
     def gated(self) -> bool:
+        """Whether the head uses gated attention (Ilse et al. 2018), recorded with the checkpoint."""
         return self.attn_u is not None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +84,7 @@ class AbmilHead(nn.Module):
         return self.classifier(z), a
 
     def calibrated_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits divided by the fitted per-output temperature (1 until calibrated), so probabilities are calibrated."""
         return logits / self.temperature
 
     @torch.no_grad()
@@ -135,6 +137,7 @@ class HeadInfo:
 
     @property
     def head_id(self) -> str:
+        """An id that names the head and its weights' hash, so a report says exactly which head scored it."""
         return f"clear-head-{self.name}-{self.sha256[:12]}"
 
 

@@ -1,11 +1,11 @@
 """The 2-D slice encoder of Locus's CLEAR, its registry entry and its safe loader.
 
 Backbone: torchvision **ResNet-18** (He et al. 2016), built offline (``weights=None``, never a
-download), ``zero_init_residual=True`` as MoCo v3 / CLEAR do for ResNets (clear-compat.md §2),
+download), ``zero_init_residual=True`` as MoCo v3 / CLEAR do for ResNets (Chen et al. 2021, arXiv 2104.02057),
 classifier replaced by identity → a **512-d** pooled feature per slice.  Why not CLEAR's default
 ViT-B with conv stem (768-d, ~17.5 GFLOPs per 224² image): the node encodes ~600 slices per
 whole-body study on a CPU; ResNet-18 is ~1.8 GFLOPs per slice, trains with MoCo v3 at small
-batch sizes (BatchNorm projector, §4) and its 512-d output halves the stored bytes.  ResNet-34
+batch sizes (BatchNorm projector, MoCo v3) and its 512-d output halves the stored bytes.  ResNet-34
 (512-d) and ResNet-50 (2048-d) are registered too for sites with GPUs.
 
 A registry entry (:class:`ClearEncoderSpec`) pins the weights file by SHA-256 **and** carries the
@@ -90,15 +90,18 @@ class ClearEncoderSpec:
 
     @property
     def feature_dim(self) -> int:
+        """Width of one slice feature for this architecture (what the feature store and heads expect)."""
         return build_feature_dim(self.arch)
 
     def model_info(self) -> ModelInfo:
+        """The encoder's identity for reports; the version includes a digest of the slice preprocessing it needs."""
         pre = hashlib.sha256(repr(sorted(self.preprocessing.to_json().items())).encode()).hexdigest()[:12]
         return ModelInfo(model_id=self.model_id, name=ENCODER_NAME,
                          version=f"{self.implementation} ({self.arch}, preprocessing {pre})",
                          sha256=self.weights.sha256)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
+        """The registry entry as plain JSON, the form the model manifest holds."""
         return {
             "model_id": self.model_id,
             "arch": self.arch,
@@ -109,6 +112,7 @@ class ClearEncoderSpec:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> ClearEncoderSpec:
+        """Read a manifest registry entry; relative weight paths resolve against ``base_dir``."""
         try:
             path = Path(data["weights"]["path"])
             if base_dir is not None and not path.is_absolute():
@@ -125,6 +129,7 @@ class ClearEncoderSpec:
 
 
 def build_feature_dim(arch: str) -> int:
+    """Feature width of a registered architecture; an unknown name is a clear model error."""
     if arch not in ARCHITECTURES:
         raise ModelError(f"unknown CLEAR slice-encoder architecture {arch!r}", code="model_unknown")
     return ARCHITECTURES[arch][1]
@@ -170,6 +175,7 @@ class SliceEncoder:
         return feats.astype(np.float16)
 
     def encode(self, stack: SliceStack, *, batch_size: int = 32) -> SliceFeatures:
+        """Encode a rendered study into stored slice features, refusing slices rendered with other preprocessing."""
         if stack.preprocessing != self.spec.preprocessing:
             raise ModelError("slices were rendered with other preprocessing than this encoder's registry entry",
                              code="preprocessing_mismatch")  # fmt: skip

@@ -1,8 +1,8 @@
 """Axial slices of a PET/CT study on one common grid, the input of the CLEAR slice encoder.
 
-CLEAR (Ligero et al., MICCAI 2025; clear-compat.md §1-§3) treats a 3-D scan as a bag of
+CLEAR (Ligero et al., MICCAI 2025; arXiv 2411.16803) treats a 3-D scan as a bag of
 2-D axial slices.  Upstream renders each CT slice twice (abdomen and chest window) as PNG;
-its HU windows are not published (§3, §11).  Locus renders each axial position **once** as a
+its HU windows are not published.  Locus renders each axial position **once** as a
 three-channel image, so that one encoder forward sees both CT windows and the PET uptake:
 
 ====  =========================  ===============================================
@@ -75,6 +75,7 @@ class SlicePreprocessing:
             raise InputError("mean/std must have 3 entries, std > 0", code="clear_preprocessing_invalid")
 
     def to_json(self) -> dict[str, Any]:
+        """Plain JSON (lists, not tuples) for the registry entry and the checkpoint, so both compare equal."""
         d = asdict(self)
         d["ct_windows"] = [list(w) for w in self.ct_windows]
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -82,6 +83,7 @@ class SlicePreprocessing:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SlicePreprocessing:
+        """Read preprocessing from a registry entry or checkpoint; malformed input is an input error."""
         try:
             return cls(
                 size=int(data["size"]),
@@ -112,6 +114,7 @@ class SliceGrid:
     n_slices: int
 
     def z_of(self, s: np.ndarray | float) -> np.ndarray:
+        """Patient z (LPS mm) of slice index ``s``, fractional indices included."""
         return self.z0 + np.asarray(s, dtype=np.float64) * self.z_spacing_mm
 
     def slice_of(self, z_mm: np.ndarray | float) -> np.ndarray:
@@ -119,9 +122,11 @@ class SliceGrid:
         return np.rint((np.asarray(z_mm, dtype=np.float64) - self.z0) / self.z_spacing_mm).astype(np.int64)
 
     def pixel_to_lps(self, s: float, r: float, c: float) -> tuple[float, float, float]:
+        """Patient LPS mm of a grid position, so evidence on a slice can be put back in the patient."""
         return (self.x0 + c * self.pixel_mm, self.y0 + r * self.pixel_mm, float(self.z_of(s)))
 
     def to_json(self) -> dict[str, Any]:
+        """Plain JSON of the grid, stored with the features so slices can be mapped back to the patient."""
         return asdict(self)
 
 

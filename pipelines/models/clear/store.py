@@ -1,6 +1,6 @@
 """Per-slice embeddings of one series, serialised so SQLite and PostgreSQL store them the same way.
 
-CLEAR keeps one float32 HDF5 matrix per patient with no row metadata (clear-compat.md §7).
+CLEAR keeps one float32 HDF5 matrix per patient with no row metadata (CLEAR's published code).
 Locus stores, per series and encoder, a :class:`SliceFeatures` record whose columns are plain
 portable types (the SQL table itself is the node's business):
 
@@ -69,10 +69,12 @@ class SliceFeatures:
 
     @property
     def n_slices(self) -> int:
+        """Number of feature rows (one per rendered slice)."""
         return int(self.features.shape[0])
 
     @property
     def dim(self) -> int:
+        """Width of one feature row (the encoder's feature dimension)."""
         return int(self.features.shape[1])
 
     @property
@@ -132,6 +134,7 @@ class SliceFeatures:
 
     @classmethod
     def unpack(cls, blob: bytes) -> SliceFeatures:
+        """Parse a blob written by :meth:`pack`, checking magic, lengths and the features' SHA-256."""
         if blob[: len(_MAGIC)] != _MAGIC or len(blob) < len(_MAGIC) + 4:
             raise FeatureStoreError("not a Locus CLEAR feature blob")
         off = len(_MAGIC)

@@ -1,4 +1,4 @@
-"""Small random-weight AFLoc checkpoints in the published Lightning 1.1.4 layout (afloc-compat.md §6).
+"""Small random-weight AFLoc checkpoints in the published Lightning 1.1.4 layout (YH0517/AFLoc).
 
 The image side is the real ResNet-50 (the published trunk; no smaller variant exists in the
 key layout); the text side is a 3-layer BERT (hidden 32, so the embeddings are 32-d) with a

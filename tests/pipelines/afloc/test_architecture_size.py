@@ -1,4 +1,4 @@
-"""The real-size architecture built offline has the published key layout and parameter count (afloc-compat.md §1, §6.2)."""
+"""The real-size architecture built offline has the published key layout and parameter count (YH0517/AFLoc 940e3d7)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_published_sizes(tmp_path: Path) -> None:
     BertConfig(vocab_size=28996).save_pretrained(tmp_path)  # BERT-base: 12 layers, 768, 12 heads, 3072, 512 positions
     model = build_model(tmp_path)
     sd = model.state_dict()
-    keys = set(sd) | {"text_encoder.model.embeddings.position_ids"}  # non-persistent in current transformers (§5.4)
+    keys = set(sd) | {"text_encoder.model.embeddings.position_ids"}  # non-persistent in current transformers
     assert len(keys) == 522
     assert sum(k.startswith("text_encoder.model.") for k in keys) == 200
     assert sum(k.startswith("img_encoder.model.") for k in keys) == 318

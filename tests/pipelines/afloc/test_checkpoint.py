@@ -1,4 +1,4 @@
-"""Strict loading of the published Lightning layout, and refusal of anything else (afloc-compat.md §6)."""
+"""Strict loading of the published Lightning layout, and refusal of anything else (YH0517/AFLoc checkpoints, PyTorch Lightning 1.1.4)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_published_layout_loads_strictly_and_bit_exactly(afloc_assets: dict[str,
     assert any(POSITION_IDS in a for a in ckpt.adjustments)
     assert {"optimizer_states", "callbacks", "lr_schedulers", "native_amp_scaling_state"} <= set(ckpt.ignored_entries)
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in ckpt.placeholders
-    # The OmegaConf config is recovered as plain data without OmegaConf (§6.4).
+    # The OmegaConf config is recovered as plain data without OmegaConf.
     assert ckpt.hyper_parameters["data"]["text"]["word_num"] == 97
     assert ckpt.hyper_parameters["model"]["afloc"] == {"temp1": 4.0, "temp2": 5.0, "temp3": 10.0}
     assert ckpt.hyper_parameters["lightning"]["trainer"]["gpus"] == [0, 1]
@@ -127,7 +127,7 @@ def test_envelope_pickled_by_real_omegaconf_2_0_5() -> None:
     Made once with ``pip install --target`` of omegaconf 2.0.5 (not a Locus dependency):
     ``OmegaConf.create({...})`` as ``hyper_parameters``, a ``ModelCheckpoint`` class key under the
     Lightning module name, ``torch.save(..., pickle_protocol=2)``.  The reader recovers the config
-    as plain data without OmegaConf, and the globals it met are exactly the contract's list (§6.4).
+    as plain data without OmegaConf, and the globals it met are exactly the allow-list's placeholders.
     """
     ckpt = read_checkpoint(Path(__file__).parent / "data" / "omegaconf205_envelope.ckpt")
     assert ckpt.hyper_parameters == {

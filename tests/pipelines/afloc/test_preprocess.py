@@ -1,4 +1,4 @@
-"""Preprocessing on synthetic radiographs (afloc-compat.md §3): 8/12/16-bit, MONOCHROME1, resize-pad."""
+"""Preprocessing on synthetic radiographs (YH0517/AFLoc ``eval/utils.py``, ``_resize_img``): 8/12/16-bit, MONOCHROME1, resize-pad."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _area_mean(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def test_inter_area_factor_2_and_4_exact() -> None:
-    """Exact factors: OpenCV rounds halves up at ×2 and to even at ×4 (contract §3.2, measured)."""
+    """Exact factors: OpenCV rounds halves up at ×2 and to even at ×4 (measured)."""
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (448, 448), dtype=np.uint8)
     out, box = pp.resize_pad(img)

@@ -1,6 +1,7 @@
-"""An independent re-implementation from the contract text, pinning the acceptance tolerances.
+"""An independent re-implementation from the published AFLoc code, pinning the acceptance tolerances.
 
-Written from afloc-compat.md alone (§3, §4, §5.3, §7), not from :mod:`pipelines.models.afloc`:
+Written from YH0517/AFLoc 940e3d7 alone (``eval/utils.py``, ``_resize_img``, ``vision_model.py``,
+``text_model.py``, ``eval/common.py``), not from :mod:`pipelines.models.afloc`:
 functional ResNet-50 on the raw state dict, the report embedding in its closed form
 ``r = (1/97) Σ_{last 4 layers} Σ_{[CLS]…[SEP]} h``, and a float64 NumPy map.  Tolerances are
 the ones the equivalence check uses: preprocessed input 1e-6, token ids identical,
@@ -60,7 +61,7 @@ def test_equivalence_to_the_contract(afloc_assets: dict[str, Any]) -> None:
     enc = AflocEncoder(AflocConfig(afloc_assets["ckpt"], afloc_assets["text_dir"]))
     sd = read_checkpoint(afloc_assets["ckpt"]).state_dict
 
-    # Preprocessing (§3): contract formula on an image resized with an exact factor-2 area mean.
+    # Preprocessing (``eval/utils.py``, ``_resize_img``): published formula on an image resized with an exact factor-2 area mean.
     raw = _radiograph(448, 400, 12, seed=5)
     img8 = np.clip(np.rint(raw.astype(np.float64) * 255.0 / raw.max()), 0, 255).astype(np.uint8)
     x, box = preprocess.preprocess_dicom_pixels(raw, "MONOCHROME2")
@@ -71,7 +72,7 @@ def test_equivalence_to_the_contract(afloc_assets: dict[str, Any]) -> None:
     v[:, 12 : 12 + 200] = resized
     np.testing.assert_allclose(x[0].numpy(), np.broadcast_to(2 * v / 255 - 1, (3, 224, 224)), atol=1e-6)
 
-    # Image embeddings (§4): functional ResNet-50 from the raw state dict.
+    # Image embeddings (``vision_model.py``): functional ResNet-50 from the raw state dict.
     image = enc.encode_image(x)
     with torch.no_grad():
         g_ref, local_ref = _reference_image(x, sd)
@@ -80,7 +81,7 @@ def test_equivalence_to_the_contract(afloc_assets: dict[str, Any]) -> None:
         for j in (0, 9, 18):
             assert _cos(image.local[0, :, i, j], local_ref[0, :, i, j]) > 0.99999
 
-    # Text (§5.3): closed form of the report embedding on a BERT built from the same weights.
+    # Text (``text_model.py:108-206``): closed form of the report embedding on a BERT built from the same weights.
     from transformers import BertConfig, BertModel, BertTokenizer
 
     cfg = BertConfig.from_pretrained(str(afloc_assets["text_dir"]))
@@ -102,14 +103,14 @@ def test_equivalence_to_the_contract(afloc_assets: dict[str, Any]) -> None:
     reports = enc.report_embeddings(phrases)
     with torch.no_grad():
         single = enc.model.encode_text([phrases[1]]).report[0]
-    torch.testing.assert_close(single, reports[1], rtol=1e-5, atol=1e-6)  # batched == one at a time (§5.2)
+    torch.testing.assert_close(single, reports[1], rtol=1e-5, atol=1e-6)  # batched == one at a time (``process_text``)
     for b in range(len(phrases)):
         sep = int((ref_ids["input_ids"][b] == tok.sep_token_id).nonzero()[0])
         r = sum(h[b, : sep + 1].sum(0) for h in hs[-4:]) / 97
         assert _cos(reports[b], r) > 0.99999
         torch.testing.assert_close(reports[b], r, rtol=1e-4, atol=1e-5)
 
-        # Map (§7) in float64 NumPy from the reference embeddings.
+        # Map (``eval/common.py``) in float64 NumPy from the reference embeddings.
         mref = np.einsum("cij,c->ij", local_ref[0].double().numpy(), r.double().numpy())
         up = _numpy_bilinear(_numpy_gauss_reflect(mref), 224)
         core = up[14:210, 14:210]

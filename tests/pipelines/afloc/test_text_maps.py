@@ -1,4 +1,4 @@
-"""Text cleaning, token ids, aggregation, map recipe on hand-made feature maps, zero-shot (afloc-compat.md §5, §7, §9)."""
+"""Text cleaning, token ids, aggregation, map recipe on hand-made feature maps, zero-shot (YH0517/AFLoc; AFLoc paper)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_map_recipe_on_hand_made_features() -> None:
     assert np.nanmax(m) == 1.0 and np.nanmin(m) == -1.0
     r, c = np.unravel_index(np.argmax(m), m.shape)
     assert abs((r + 0.5) * 19 / 224 - 0.5 - 5) < 0.6 and abs((c + 0.5) * 19 / 224 - 0.5 - 12) < 0.6
-    # Independent float64 re-implementation of §7 (reflect Gaussian, half-pixel bilinear, min-max).
+    # Independent float64 re-implementation of the ``eval/common.py`` recipe (reflect Gaussian, half-pixel bilinear, min-max).
     ref = _numpy_bilinear(_numpy_gauss_reflect(raw), 224)
     np.testing.assert_allclose(maps.stored_map(local, t), ref, atol=1e-6)  # unnormalised, as the reference stores it
     ref = (ref - ref.min()) / (ref.max() - ref.min()) * 2 - 1

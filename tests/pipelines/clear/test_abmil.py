@@ -65,7 +65,7 @@ def test_batched_masked_forward_equals_the_naive_loop(gated: bool) -> None:
 
 def test_parameter_count_matches_clear_head() -> None:
     head = AbmilHead(768, 8)
-    assert sum(p.numel() for p in head.parameters()) == 331_273  # clear-compat §6
+    assert sum(p.numel() for p in head.parameters()) == 331_273  # CLEAR's ABMIL sizes (docs/models/clear.md)
     assert sum(p.numel() for p in AbmilHead(512, 8).parameters()) == 265_737
 
 
