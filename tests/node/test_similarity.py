@@ -196,25 +196,28 @@ def test_rebuild_restores_packs_after_bulk_load(filled: tuple[Database, np.ndarr
 
 
 def test_migration_backfills_packs_from_existing_rows(db_url: str) -> None:
-    from sqlalchemy import insert
+    from sqlalchemy import MetaData, Table, insert
 
     from node.db import embedding_packs
-    from node.db.models import StudyEmbedding
 
     db = Database(db_url)
     try:
         db.upgrade("0002")
         rng = np.random.default_rng(5)
         vecs = rng.normal(size=(300, 4)).astype("<f4")
-        # tables other than the packs are the same at 0002 and at head: Core inserts of the models
+        # the tables as they are at 0002 (later revisions add columns the models know): reflected
         with db.engine.begin() as conn:
-            conn.execute(insert(Study), [dict(id=i, study_uid=f"1.2.9.{i}", status="analysed", first_received_at=T0,
-                                              last_received_at=T0) for i in range(1, 201)])  # fmt: skip
-            conn.execute(insert(StudyVersion), [dict(id=i + 1, study_id=i % 200 + 1, version=i // 200 + 1,
+            meta = MetaData()
+            study_t, version_t, embedding_t = (Table(name, meta, autoload_with=conn)
+                                               for name in ("studies", "study_versions", "study_embeddings"))
+            conn.execute(insert(study_t), [dict(id=i, study_uid=f"1.2.9.{i}", status="analysed", first_received_at=T0,
+                                                last_received_at=T0, instance_count=1, latest_version=1,
+                                                has_late_instances=False) for i in range(1, 201)])  # fmt: skip
+            conn.execute(insert(version_t), [dict(id=i + 1, study_id=i % 200 + 1, version=i // 200 + 1,
                                                      state="analysed", completion_rule="t", ready_at=T0,
                                                      instance_count=1, instance_set_hash="0" * 64)
                                                 for i in range(300)])  # studies 1..100 get two versions; fmt: skip
-            conn.execute(insert(StudyEmbedding), [dict(study_version_id=i + 1, model_id=MODEL, dim=4,
+            conn.execute(insert(embedding_t), [dict(study_version_id=i + 1, model_id=MODEL, dim=4,
                                                        preprocessing_version="p1", vector=v.tobytes(), created_at=T0)
                                                   for i, v in enumerate(vecs)])  # fmt: skip
         db.upgrade()

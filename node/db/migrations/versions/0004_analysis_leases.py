@@ -36,6 +36,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index(op.f("ix_analyses_lease_expires_at"), table_name="analyses")
-    with op.batch_alter_table("analyses") as batch:
-        batch.drop_column("lease_expires_at")
-        batch.drop_column("lease_owner")
+    # Plain DROP COLUMN (SQLite >= 3.35): a batch rebuild of `analyses` would cascade-delete
+    # the reports and lesions that reference it.
+    op.drop_column("analyses", "lease_expires_at")
+    op.drop_column("analyses", "lease_owner")

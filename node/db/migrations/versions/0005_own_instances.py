@@ -31,7 +31,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("studies") as batch:
-        batch.drop_column("duplicate_count")
-    with op.batch_alter_table("instances") as batch:
-        batch.drop_column("origin")
+    # Plain DROP COLUMN (SQLite >= 3.35 has it natively): a batch rebuild of a table that other
+    # tables reference would drop and re-create it, and ON DELETE CASCADE would empty them.
+    op.drop_column("studies", "duplicate_count")
+    op.drop_column("instances", "origin")
