@@ -162,3 +162,13 @@ def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: b
     click.echo(json.dumps({"timings_s": result["timings_s"], "final_top1": m["final_top1"],
                            "final_top3": m["final_top3"], "coarse_top1": m["coarse_top1"],
                            "coarse_top3": m["coarse_top3"], "n": m["n"]}, indent=2))
+
+
+def _attach_itemizedclip() -> None:
+    """``locus train itemizedclip`` lives in :mod:`training.itemizedclip.cli` (imports torch only when run)."""
+    from training.itemizedclip.cli import itemizedclip
+
+    train.add_command(itemizedclip)
+
+
+_attach_itemizedclip()
