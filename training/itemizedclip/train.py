@@ -183,6 +183,9 @@ def train(spec: TrainSpec, out: str | Path, *, device: str = "cpu", studies: lis
         row = {"step": float(step), "lr": lr_at(step, spec), **{n: float(getattr(terms, n).detach())
                                                                for n in ("total", "ila", "kta", "mps", "iis")}}
         history.append(row)
+        if step % 25 == 0 or step == spec.steps - 1:
+            log.info("step %d/%d loss %.4f (ila %.4f kta %.4f mps %.4f iis %.4f)", step, spec.steps, row["total"],
+                     row["ila"], row["kta"], row["mps"], row["iis"])  # fmt: skip
         if progress is not None:
             progress(row)
     model.eval()
