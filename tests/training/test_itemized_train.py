@@ -168,5 +168,16 @@ def test_locus_train_itemizedclip_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["steps"] == 2 and Path(summary["checkpoint"]).is_file() and len(summary["sha256"]) == 64
+    rel = CliRunner().invoke(main, ["train", "itemizedclip-release", "--run", str(tmp_path / "o"), "--out",
+                                    str(tmp_path / "rel"), "--seeds", "1000-1002", "--lesion-free-fraction", "0.5"])
+    assert rel.exit_code == 0, rel.output
+    metrics = json.loads(rel.output.strip().splitlines()[-1])
+    assert metrics["n_studies"] == 3 and metrics["label"] == "phantom accuracy, not clinical accuracy"
+    manifest = json.loads((tmp_path / "rel" / "manifest.json").read_text())
+    assert manifest["evaluation"]["seeds"] == [1000, 1002] and manifest["not_for_patients"] is True
+    assert torch.load(tmp_path / "rel" / "checkpoint.pt", weights_only=True)["optimizer"] == {}
+    model, info = im.load_model(tmp_path / "rel" / "checkpoint.pt", tmp_path / "rel" / "text", model_name=wb.DEMO_MODEL)
+    assert info.sha256 == manifest["sha256"]
+    assert "phantom accuracy" in (tmp_path / "rel" / "README.md").read_text().lower()
     bad = CliRunner().invoke(main, ["train", "itemizedclip", "--out", str(tmp_path / "b"), "--seeds", "5-1"])
     assert bad.exit_code != 0 and "seed range" in bad.output

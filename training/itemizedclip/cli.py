@@ -67,3 +67,32 @@ def itemizedclip(out: Path, model_name: str, steps: int, batch_size: int, items_
     click.echo(json.dumps({"checkpoint": str(result.checkpoint), "sha256": result.sha256, "steps": len(h),
                            "loss_first": h[0]["total"], "loss_last": h[-1]["total"],
                            "seconds": round(result.seconds, 1)}))  # fmt: skip
+
+
+@click.command(name="itemizedclip-release")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Directory written by `locus train itemizedclip`.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Release directory.")
+@click.option("--seeds", default="1000-1031", show_default=True, help="Held-out phantom seeds for the evaluation.")
+@click.option("--size", "phantom_size", type=click.Choice(["tiny", "small", "demo"]), default="tiny", show_default=True)
+@click.option("--lesion-free-fraction", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True)
+def itemizedclip_release(run_dir: Path, out: Path, seeds: str, phantom_size: str, lesion_free_fraction: float) -> None:
+    """Evaluate a run on held-out phantoms (per-item AUC, pointing game, CNR) and write its release directory."""
+    import torch
+
+    from training.itemizedclip.release import evaluate_run, write_release
+
+    raw = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model_name = str(raw.get("locus", {}).get("model_name", raw.get("name")))
+    seed_list = _seeds(seeds)
+    metrics = evaluate_run(run_dir / "checkpoint.pt", run_dir / "text", model_name, seed_list, size=phantom_size,
+                           lesion_free_fraction=lesion_free_fraction)  # fmt: skip
+    spec = raw.get("locus", {}).get("spec", {})
+    train_seeds = spec.get("train_seeds") or [0]
+    command = (f"locus train itemizedclip --out RUN --steps {spec.get('steps')} --batch-size {spec.get('batch_size')} "
+               f"--seeds {min(train_seeds)}-{max(train_seeds)} --size {spec.get('phantom_size')} "
+               f"--lesion-free-fraction {spec.get('lesion_free_fraction')} --recipe {spec.get('recipe')} "
+               f"--lr {spec.get('lr')} --warmup {spec.get('warmup_steps')} --seed {spec.get('seed')} && "
+               f"locus train itemizedclip-release --run RUN --out OUT --seeds {seeds}")  # fmt: skip
+    write_release(run_dir, out, metrics, eval_seeds=seed_list, command=command)
+    click.echo(json.dumps(metrics.to_json()))

@@ -166,9 +166,10 @@ def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: b
 
 def _attach_itemizedclip() -> None:
     """``locus train itemizedclip`` lives in :mod:`training.itemizedclip.cli` (imports torch only when run)."""
-    from training.itemizedclip.cli import itemizedclip
+    from training.itemizedclip.cli import itemizedclip, itemizedclip_release
 
     train.add_command(itemizedclip)
+    train.add_command(itemizedclip_release)
 
 
 _attach_itemizedclip()
