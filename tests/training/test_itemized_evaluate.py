@@ -12,12 +12,12 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from pipelines.models.itemizedclip import model as im  # noqa: E402
-from pipelines.models.itemizedclip import wholebody as wb  # noqa: E402
-from pipelines.models.study_encoder import model as hm  # noqa: E402
-from training.itemizedclip import evaluate as ev  # noqa: E402
-from training.itemizedclip.data import phantom_studies  # noqa: E402
-from training.itemizedclip.text import write_text_dir  # noqa: E402
+from pipelines.models.itemizedclip import model as im
+from pipelines.models.itemizedclip import wholebody as wb
+from pipelines.models.study_encoder import model as hm
+from training.itemizedclip import evaluate as ev
+from training.itemizedclip.data import phantom_studies
+from training.itemizedclip.text import write_text_dir
 
 
 def test_auc_is_mann_whitney_with_half_ties() -> None:

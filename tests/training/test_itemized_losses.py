@@ -77,7 +77,7 @@ def naive(block, g, t, tokens, mask, normal, cols, ila_mask, cfg: L.LossConfig) 
                 w_all[i, worst] *= cfg.comp_upfac
         ila = sum(w_all[i, c] * _sig_nll(z_ila[i, c], y_all[i, c]) for i in range(B) for c in range(kq)) / B
 
-        k_top = max(1, int(math.floor(NT * cfg.key_token_thresh)))
+        k_top = max(1, math.floor(NT * cfg.key_token_thresh))
         kta = 0.0
         for i in range(B):
             for c in range(kq):

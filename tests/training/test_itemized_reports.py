@@ -11,7 +11,13 @@ from library import load_library
 from training.data.phantom import lesion_free, phantom_record, phantom_records
 from training.phantom import make_phantom
 from training.phantom.lesions import LesionTruth
-from training.phantom.reports import ItemizedReport, itemize, load_templates, phantom_report, sample_items
+from training.phantom.reports import (
+    ItemizedReport,
+    itemize,
+    load_templates,
+    phantom_report,
+    sample_items,
+)
 
 LIB = load_library()
 

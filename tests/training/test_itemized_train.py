@@ -14,14 +14,14 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from pipelines.errors import InputError, ModelError  # noqa: E402
-from pipelines.models.itemizedclip import model as im  # noqa: E402
-from pipelines.models.itemizedclip import wholebody as wb  # noqa: E402
-from pipelines.models.itemizedclip.geometry import TokenGrid  # noqa: E402
-from training.itemizedclip import train as tr  # noqa: E402
-from training.itemizedclip.data import phantom_studies  # noqa: E402
-from training.itemizedclip.text import write_text_dir  # noqa: E402
-from training.phantom import make_phantom  # noqa: E402
+from pipelines.errors import InputError, ModelError
+from pipelines.models.itemizedclip import model as im
+from pipelines.models.itemizedclip import wholebody as wb
+from pipelines.models.itemizedclip.geometry import TokenGrid
+from training.itemizedclip import train as tr
+from training.itemizedclip.data import phantom_studies
+from training.itemizedclip.text import write_text_dir
+from training.phantom import make_phantom
 
 DEMO = wb.PARAMS[wb.DEMO_MODEL]
 
@@ -176,7 +176,7 @@ def test_locus_train_itemizedclip_command(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "rel" / "manifest.json").read_text())
     assert manifest["evaluation"]["seeds"] == [1000, 1002] and manifest["not_for_patients"] is True
     assert torch.load(tmp_path / "rel" / "checkpoint.pt", weights_only=True)["optimizer"] == {}
-    model, info = im.load_model(tmp_path / "rel" / "checkpoint.pt", tmp_path / "rel" / "text", model_name=wb.DEMO_MODEL)
+    _, info = im.load_model(tmp_path / "rel" / "checkpoint.pt", tmp_path / "rel" / "text", model_name=wb.DEMO_MODEL)
     assert info.sha256 == manifest["sha256"]
     assert "phantom accuracy" in (tmp_path / "rel" / "README.md").read_text().lower()
     bad = CliRunner().invoke(main, ["train", "itemizedclip", "--out", str(tmp_path / "b"), "--seeds", "5-1"])

@@ -33,7 +33,7 @@ from training.itemizedclip.data import ItemizedStudy
 NORMAL_QUERY = "no fdg-avid lesion."
 
 
-def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """Mann-Whitney AUC (ties count one half); NaN without both classes."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)

@@ -162,7 +162,7 @@ def key_token_mask(block: nn.Module, t: torch.Tensor, tokens: torch.Tensor, cols
                    mask: torch.Tensor, thresh: float) -> torch.Tensor:  # fmt: skip
     """KTA mask ``[B·n_head, Kq, L]``: the top ``max(1, ⌊L·θ⌋)`` tokens of the head-averaged weights (no gradient)."""
     n_tokens = tokens.shape[1]
-    k = max(1, int(math.floor(n_tokens * thresh)))
+    k = max(1, math.floor(n_tokens * thresh))
     with torch.no_grad():
         _, weights = block(_queries(t, cols), tokens, tokens, mask=mask, output_attn_weights=True)
         top = torch.topk(weights[..., :n_tokens], k, dim=-1).indices  # null slot (last column) excluded

@@ -10,6 +10,7 @@ written, and the metrics are labelled phantom accuracy.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,7 +69,7 @@ def write_release(run_dir: str | Path, out: str | Path, metrics: Evaluation, *, 
     assert loaded.sha256 == manifest["sha256"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     m = metrics
-    auc_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in sorted(m.per_item_auc.items()) if v == v)
+    auc_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in sorted(m.per_item_auc.items()) if not math.isnan(v))
     (out / "README.md").write_text(f"""# Demo whole-body PET/CT ItemizedCLIP (phantom-trained; not for patients)
 
 `{model_name}` (see `docs/models/itemizedclip-wholebody.md`), trained **only on Locus's synthetic phantom** with

@@ -65,7 +65,14 @@ def _options(f):  # type: ignore[no-untyped-def]
 
 def _open(out: Path, work: Path | None, preset: str, seed: int, device: str, progress: bool,  # type: ignore[no-untyped-def]
           data: Path | None = None, split: str = "hash", init: Path | None = None, steps: int | None = None):
-    from training.localizer.pipeline import PRESETS, Run, default_work_dir, with_dataset, with_init, with_steps
+    from training.localizer.pipeline import (
+        PRESETS,
+        Run,
+        default_work_dir,
+        with_dataset,
+        with_init,
+        with_steps,
+    )
 
     logging.getLogger("training").setLevel(logging.INFO)
     if split != "hash" and data is None:
@@ -152,7 +159,13 @@ def all_steps(out: Path, work: Path | None, preset: str, seed: int, device: str,
 @click.option("--resume", is_flag=True)
 def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: bool) -> None:
     """Reproduce the shipped demo localizer (node/demo_localizer) from phantom data."""
-    from training.localizer.pipeline import Run, default_work_dir, demo_spec, run_all, write_model_card
+    from training.localizer.pipeline import (
+        Run,
+        default_work_dir,
+        demo_spec,
+        run_all,
+        write_model_card,
+    )
 
     work = work or default_work_dir(out)
     run = Run.open(out, work, None if (work / "run.json").is_file() else demo_spec(seed), device=device)

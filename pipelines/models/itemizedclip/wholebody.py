@@ -146,6 +146,7 @@ def preprocess_petct(pet_suv: Volume, ct: Volume, params: PetCtParams) -> Prepar
     ct_ch = (np.clip(hu, lo_hu, hi_hu) - lo_hu) / (hi_hu - lo_hu)
     x = torch.from_numpy(np.stack([pet_ch, ct_ch]).astype(np.float32))[None, None]
     hi = lo + (n - 1) * spacing
-    return PreparedInput(tensor=x, crop_lps_min=tuple(float(v) for v in lo), crop_lps_max=tuple(float(v) for v in hi),
+    return PreparedInput(tensor=x, crop_lps_min=(float(lo[0]), float(lo[1]), float(lo[2])),
+                         crop_lps_max=(float(hi[0]), float(hi[1]), float(hi[2])),
                          description={"preprocessing": params.to_json(),
-                                      "centre_lps": [float(v) for v in centre]})  # type: ignore[arg-type]  # fmt: skip
+                                      "centre_lps": [float(v) for v in centre]})  # fmt: skip
