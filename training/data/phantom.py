@@ -33,6 +33,7 @@ from training.data.records import LesionRecord, StudyRecord
 from training.phantom import make_phantom
 from training.phantom.anatomy import Anatomy, Structure
 from training.phantom.generate import PRESETS
+from training.phantom.reports import itemize
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,13 @@ def phantom_study_id(seed: int, size: str, placement: str) -> str:
 
 
 def phantom_record(seed: int, size: str = "small", *, placement: str = "natural", n_lesions: int | None = None,
-                   table: HclalTruthTable | None = None) -> StudyRecord:
-    """One phantom study as a :class:`StudyRecord` (SUV, CT, PET-grid lesion labels, GT)."""
+                   table: HclalTruthTable | None = None, grouping: str = "auto") -> StudyRecord:
+    """One phantom study as a :class:`StudyRecord` (SUV, CT, PET-grid lesion labels, GT).
+
+    ``n_lesions=0`` gives a lesion-free study; the record's ``report`` is the study's itemized
+    report (:func:`training.phantom.reports.itemize`, ``grouping`` as there), whose single
+    normal item then says so.
+    """
     table = table or HclalTruthTable()
     n = PRESETS[size].n_lesions if n_lesions is None else n_lesions
     if placement == "natural":
@@ -192,11 +198,22 @@ def phantom_record(seed: int, size: str = "small", *, placement: str = "natural"
             hclal_locations=truth.finals if truth else (), coarse_keys=truth.coarse_keys if truth else (),
         ))  # fmt: skip
     return StudyRecord(study_id=phantom_study_id(seed, size, placement), suv=ph.pet, ct=ph.ct, labels=ph.pet_lesions,
-                       lesions=lesions, source=f"phantom:seed={seed},size={size},placement={placement},n={n}")
+                       lesions=lesions, source=f"phantom:seed={seed},size={size},placement={placement},n={n}",
+                       report=itemize(ph.lesions, seed, grouping=grouping, library=table.library))
+
+
+def lesion_free(seed: int, fraction: float) -> bool:
+    """Whether phantom ``seed`` is drawn lesion-free, with probability ``fraction`` (deterministic per seed)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"lesion-free fraction must lie in [0, 1], not {fraction}")
+    return bool(np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x40F]).random() < fraction)
 
 
 def phantom_records(seeds: Sequence[int], size: str = "small", *, placement: str = "natural",
-                    n_lesions: int | None = None) -> Iterator[StudyRecord]:
+                    n_lesions: int | None = None, lesion_free_fraction: float = 0.0,
+                    grouping: str = "auto") -> Iterator[StudyRecord]:
+    """Records for ``seeds``; a seed drawn by :func:`lesion_free` (``lesion_free_fraction``) has no lesion."""
     table = HclalTruthTable()
     for seed in seeds:
-        yield phantom_record(int(seed), size, placement=placement, n_lesions=n_lesions, table=table)
+        n = 0 if lesion_free(seed, lesion_free_fraction) else n_lesions
+        yield phantom_record(int(seed), size, placement=placement, n_lesions=n, table=table, grouping=grouping)

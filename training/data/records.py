@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipelines.dicom.volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from training.phantom.reports import ItemizedReport
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class StudyRecord:
     labels: Volume  # integer label map; lesions refer to it by value
     lesions: list[LesionRecord] = field(default_factory=list)
     source: str = ""  # e.g. "phantom:seed=11,size=small", "hclal:/data/case01", "locus:<study uid>@v2"
+    report: ItemizedReport | None = None  # itemized report (phantoms: training.phantom.reports), when the source has one
 
     def __iter__(self) -> Iterator[LesionRecord]:
         return iter(self.lesions)

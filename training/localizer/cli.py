@@ -65,7 +65,14 @@ def _options(f):
 
 def _open(out: Path, work: Path | None, preset: str, seed: int, device: str, progress: bool,
           data: Path | None = None, split: str = "hash", init: Path | None = None, steps: int | None = None):
-    from training.localizer.pipeline import PRESETS, Run, default_work_dir, with_dataset, with_init, with_steps
+    from training.localizer.pipeline import (
+        PRESETS,
+        Run,
+        default_work_dir,
+        with_dataset,
+        with_init,
+        with_steps,
+    )
 
     logging.getLogger("training").setLevel(logging.INFO)
     if split != "hash" and data is None:
@@ -220,3 +227,14 @@ def demo_weights(out: Path, work: Path | None, seed: int, device: str, resume: b
     click.echo(json.dumps({"timings_s": result["timings_s"], "final_top1": m["final_top1"],
                            "final_top3": m["final_top3"], "coarse_top1": m["coarse_top1"],
                            "coarse_top3": m["coarse_top3"], "n": m["n"]}, indent=2))
+
+
+def _attach_itemizedclip() -> None:
+    """``locus train itemizedclip`` lives in :mod:`training.itemizedclip.cli` (imports torch only when run)."""
+    from training.itemizedclip.cli import itemizedclip, itemizedclip_release
+
+    train.add_command(itemizedclip)
+    train.add_command(itemizedclip_release)
+
+
+_attach_itemizedclip()

@@ -60,7 +60,14 @@ _SCALARS = ("logit_scale", "logit_bias")
 
 
 def register_configs(extra_dir: str | Path | None = None) -> None:
-    """Register the HLIP trunks + configs and the ItemizedCLIP configs (and ``extra_dir``) with open_clip."""
+    """Register the HLIP trunks + configs and the ItemizedCLIP configs (and ``extra_dir``) with open_clip.
+
+    The whole-body PET/CT trunks (:mod:`.wholebody`) are registered too, so Locus's own
+    variants build and load through this same path.
+    """
+    from pipelines.models.itemizedclip import wholebody
+
+    wholebody.register_variants()
     hlip_model.register_configs(CONFIG_DIR)
     if extra_dir is not None:
         hlip_model.register_configs(extra_dir)
