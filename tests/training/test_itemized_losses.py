@@ -1,4 +1,4 @@
-"""ItemizedCLIP objectives (training.itemizedclip.losses) against a naive reading of itemizedclip-compat.md §8.
+"""ItemizedCLIP objectives (training.itemizedclip.losses) against a naive reading of ItemizedCLIP, arXiv 2512.11141, training objectives.
 
 The naive reference below loops over images, columns and items in Python, runs the block on one
 query at a time, and evaluates ``−log σ(y·z)`` with :mod:`math` in float64, following the

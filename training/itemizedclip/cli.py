@@ -40,7 +40,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--warmup", "warmup_steps", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--recipe", type=click.Choice(["chest_ct", "mri_ct"]), default="chest_ct", show_default=True,
-              help="Published loss factors (itemizedclip-compat.md §8).")
+              help="Published loss factors (ItemizedCLIP, arXiv 2512.11141, training objectives).")
 @click.option("--lock-text", is_flag=True, help="Freeze the BERT except its LayerNorms (published --lock-text).")
 @click.option("--size", "phantom_size", type=click.Choice(["tiny", "small", "demo"]), default="tiny", show_default=True)
 @click.option("--seeds", default="0-63", show_default=True, help="Phantom seeds for training, e.g. 0-63 or 1,4,7-9.")

@@ -11,7 +11,7 @@ slot last) on held-out phantom seeds.  **Phantom accuracy, not clinical accuracy
 * **Pointing game** — for every report item of a study with lesions, the token with the
   highest attention for the item's own text is a hit when its block (8 × 12 × 12 input voxels
   of the demo grid) holds a voxel of one of the item's lesions.
-* **CNR** (AFLoc, afloc-compat.md "CNR"): the item's map upsampled (nearest) to the input grid,
+* **CNR** (AFLoc, AFLoc, arXiv 2401.02044, its CNR): the item's map upsampled (nearest) to the input grid,
   min-max renormalised to [−1, 1]; A = voxels of the item's lesions, Ā = voxels outside every
   lesion of the study (other items' lesions are in neither); ``(mean A − mean Ā) /
   sqrt(var A + var Ā)`` with population variances, signed; 0 when both variances are 0.

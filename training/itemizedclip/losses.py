@@ -1,4 +1,4 @@
-"""ItemizedCLIP training objectives, as itemizedclip-compat.md §8 states them (single process).
+"""ItemizedCLIP training objectives, as ItemizedCLIP, arXiv 2512.11141, training objectives states them (single process).
 
 Every term is a sigmoid (SigLIP-style) binary loss ``−log σ(y·z)`` with ``y ∈ {+1, −1}`` and
 logits ``z = s·cos + b``, ``s = exp(logit_scale)`` (the model output, already exponentiated;

@@ -1,6 +1,6 @@
 """CPU-sized ItemizedCLIP training on phantom PET/CT studies with itemized reports.
 
-The loop follows the published recipe (itemizedclip-compat.md §8) where it applies to one
+The loop follows the published recipe (ItemizedCLIP, arXiv 2512.11141, training objectives) where it applies to one
 device: per step ``B`` studies, each with ``K`` items (its report's items shuffled, truncated to
 ``K``, lower-cased, padded with "Placeholder" at mask 0; the phantom re-draws each item's
 phrasing), normal flags from the reports, the §8 objectives (:mod:`.losses`), AdamW with

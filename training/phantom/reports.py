@@ -2,7 +2,7 @@
 
 ItemizedCLIP (Lyu et al., arXiv 2512.11141) is trained on *itemized* reports: every item
 describes one independent finding, and a study whose only item is the normal statement is a
-"normal" study (itemizedclip-compat.md §8, "normal check").  AFLoc- and CLEAR-style training
+"normal" study (ItemizedCLIP, arXiv 2512.11141, training objectives, "normal check").  AFLoc- and CLEAR-style training
 needs the same kind of text tied to ground-truth regions.  This module turns a phantom's
 :class:`~training.phantom.lesions.LesionTruth` list into such a report, so every item knows
 the lesion labels (in the phantom's lesion label maps) and the anatomy-library sites it
@@ -216,7 +216,7 @@ def phantom_report(phantom: Any, *, grouping: str = "auto", library: AnatomyLibr
 
 def sample_items(report: ItemizedReport, k: int, rng: np.random.Generator, *, placeholder: str = "Placeholder",
                  reword: bool = True) -> tuple[list[str], list[int], list[int]]:
-    """Upstream's per-study item sampling (itemizedclip-compat.md §8, chest recipe): shuffle the
+    """Upstream's per-study item sampling (ItemizedCLIP, arXiv 2512.11141, training objectives, chest recipe): shuffle the
     items, truncate to ``k``, lower-case, pad with ``placeholder`` (mask 0).
 
     With ``reword`` each item's phrasing is re-drawn from its variants (phantom augmentation).

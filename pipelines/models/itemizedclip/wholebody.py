@@ -1,6 +1,6 @@
 """Locus's whole-body PET/CT ItemizedCLIP variants: the published architecture, PET and CT as two channels.
 
-The published ItemizedCLIP weights are chest CT only (itemizedclip-compat.md §7).  Locus trains
+The published ItemizedCLIP weights are chest CT only (ItemizedCLIP, arXiv 2512.11141).  Locus trains
 its own whole-body PET/CT model with **the same architecture** — HLIP trunk, open_clip head on
 every token, the attention-pooling block with its null slot, BERT text tower, scalar logit
 scale and bias (§1-§3) — changing only what the input requires:
@@ -79,6 +79,7 @@ class PetCtParams:
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
 
     def to_json(self) -> dict[str, Any]:
+        """Plain data for the checkpoint and manifest, so a release names its exact preprocessing."""
         plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         return {**plain, "version": PREPROCESSING_VERSION, "channels": list(CHANNELS)}
 
