@@ -18,9 +18,10 @@ import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import IS
 
 #: Segmentation Storage and Label Map Segmentation Storage (PS3.4 B.5; P6).
 SEGMENTATION_SOP_CLASSES: frozenset[str] = frozenset(
@@ -217,10 +218,28 @@ def _ascii(values: dict[int, bytes], tag: int) -> str:
 
 
 def _integer_string(values: dict[int, bytes], tag: int) -> int | None:
+    """An IS value (PS3.5 §6.2, Table 6.2-1) read exactly as pydicom reads it.
+
+    The analysis reads the stored file with pydicom, so the index must hold the number
+    pydicom sees, also for values outside the IS repertoire ("0"-"9", "+", "-", space):
+    pydicom decodes ISO 8859-1 and Python's ``int``/``float`` accept any Unicode
+    whitespace (b"100\\xa0", a NO-BREAK SPACE, is 100 to pydicom; found by the fuzz long
+    run, tests/fuzz/regressions/parse-seed12-case62624.json), "1.0" and "1e2". Hence
+    pydicom's own ``IS`` type, with validation off (the listener does not refuse an
+    instance for its Instance Number). Several values, or none, give None, as in
+    :func:`index_fields`.
+    """
+    raw = values.get(tag)
+    if raw is None:
+        return None
+    # pydicom.values.multi_string: padding removed, then split on the backslash (PS3.5 §6.4).
+    items = raw.decode("latin-1").rstrip(" \x00").split("\\")
+    if len(items) != 1:
+        return None
     try:
-        text = _ascii(values, tag)
-        return int(text) if text else None
-    except ValueError:  # e.g. a multi-valued IS: not an instance number
+        value = IS(items[0], validation_mode=config.IGNORE)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError, OverflowError):  # not a number (or nan/inf): no instance number
         return None
 
 

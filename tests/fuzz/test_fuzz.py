@@ -150,15 +150,20 @@ REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.json"))
 
 @pytest.mark.parametrize("case", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
 def test_regression_found_cases_replay_to_a_defined_outcome(case: Path) -> None:
-    """Reproducers the long run wrote (``crash-*.json``), kept as found: each crashed before
-    its fix (the ``crash`` field says how) and now ends in a coded error."""
+    """Reproducers the long run wrote, kept as found. A ``crash`` one crashed before its fix
+    (the field says how) and now ends in a coded error. A ``contract_violation`` one broke
+    the target's contract (the target raises :class:`ContractViolation` again if it does)
+    and now ends in the recorded ``outcome``."""
     import json
 
     from tests.fuzz.long_run import from_json
 
     found = json.loads(case.read_text())
     status = T.TARGETS[found["target"]](*from_json(found["args"]))
-    assert status in {"seg_malformed", "seg_unreadable", "sr_unparseable", "sr_unreadable"}, (status, found["crash"])
+    if "outcome" in found:
+        assert status == found["outcome"], (status, found["contract_violation"])
+    else:
+        assert status in {"seg_malformed", "seg_unreadable", "sr_unparseable", "sr_unreadable"}, (status, found["crash"])
 
 
 def test_regression_seg_with_a_multivalued_segment_number_is_a_coded_error() -> None:

@@ -110,3 +110,42 @@ def test_truncated_streams_are_refused(path: Path) -> None:
     file_bytes, raw, ts, _, _ = _split(path)
     with pytest.raises(MalformedDataSet):
         checked_index_fields(raw[: len(raw) // 2], ts, file_bytes[: len(file_bytes) - len(raw) // 2])
+
+
+def _explicit_le(elements: list[tuple[int, bytes, bytes]]) -> bytes:
+    """Explicit VR Little Endian data set from (tag, VR, value) with short-length VRs (PS3.5 §7.1.2)."""
+    out = b""
+    for tag, vr, value in elements:
+        value += b"\0" if vr == b"UI" and len(value) % 2 else b" " * (len(value) % 2)
+        out += (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little") + vr
+        out += len(value).to_bytes(2, "little") + value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"100\xa0", 100),  # NO-BREAK SPACE (ISO 8859-1), found by the fuzz long run (seed 12, case 62624)
+        (b" 7 ", 7),
+        (b"1.0 ", 1),
+        (b"1e2 ", 100),
+        (b"1.5 ", 1),  # pydicom: ISfloat(1.5), int() of it
+        (b"12\\3", None),  # several values: not an instance number
+        (b"abc ", None),
+        (b"nan ", None),
+        (b"  ", None),
+    ],
+)
+def test_fast_instance_number_reads_an_is_value_as_pydicom_does(value: bytes, expected: int | None) -> None:
+    """Instance Number (IS, PS3.5 Table 6.2-1) outside the IS repertoire: the fast path
+    indexes what pydicom (and so the analysis) reads, not None."""
+    ct, sop = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"
+    raw = _explicit_le([
+        (0x00080016, b"UI", ct.encode()), (0x00080018, b"UI", sop.encode()), (0x00080060, b"CS", b"CT"),
+        (0x0020000D, b"UI", b"1.2.3"), (0x0020000E, b"UI", b"1.2.3.4"), (0x00200013, b"IS", value),
+    ])
+    file_bytes = file_meta_bytes(ct, sop, "1.2.840.10008.1.2.1") + raw
+    fast = checked_index_fields(raw, "1.2.840.10008.1.2.1", file_bytes)
+    assert fast.instance_number == expected
+    if value != b"nan ":  # pydicom cannot read a NaN IS at all (index_fields refuses it)
+        assert fast == index_fields(file_bytes)
