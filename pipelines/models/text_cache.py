@@ -54,6 +54,21 @@ def tower_sha256(tower: nn.Module, post: nn.Module | None = None) -> str:
     return state_dict_sha256(sd)
 
 
+def checkpoint_tower_hash(content_sha256: str) -> str:
+    """Cache-key tower identity of a text tower loaded strictly from a checkpoint.
+
+    Why: the tower (and ``text_fc``) of an HCL-AL network is built from, and strictly
+    loaded with, that checkpoint's tensors, so the checkpoint's weights-content hash
+    (:func:`~pipelines.models.checkpoints.state_dict_sha256` of the whole state dict, computed
+    once by ``load_checkpoint``) determines the tower's weights.  Using it saves hashing the
+    ~250 MB of tower weights a second time on every start; any change to any tensor of the
+    checkpoint changes it, so a stale entry is still detected.
+    """
+    if len(content_sha256) != 64:
+        raise ValueError("checkpoint_tower_hash needs a 64-hex-digit weights-content hash")
+    return f"checkpoint-content:{content_sha256}"
+
+
 def _array_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
@@ -95,15 +110,19 @@ class TextFeatureCache:
         tokens: torch.Tensor,
         *,
         post: nn.Module | None = None,
+        tower_hash: str | None = None,
         what: str = "texts",
         progress: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
         """L2-normalised fp32 features ``[N, D]`` on the tower's device: cached, or encoded and cached.
 
         Equal, bit for bit, to ``encode_texts(tower, tokens, post=post)`` on this device type.
+        ``tower_hash``, when given, must identify the weights of ``tower`` and ``post``
+        exactly (the localizer passes :func:`checkpoint_tower_hash` of the checkpoint the
+        tower was loaded from); otherwise :func:`tower_sha256` hashes the modules' tensors.
         """
         device = next(tower.parameters()).device
-        key = self.key(tower_sha256(tower, post), tokens, device.type)
+        key = self.key(tower_hash or tower_sha256(tower, post), tokens, device.type)
         npz, meta = self._paths(key)
         cached, reason = self._read(npz, meta, key, tokens)
         if cached is not None:

@@ -73,7 +73,7 @@ from pipelines.models.localizer.network import HclalClipNet, build_network
 from pipelines.models.localizer.vocabulary import Vocabulary
 from pipelines.models.registry import LocalizerSpec, PinnedFile, default_model_id
 from pipelines.models.text import ClipTokenizer, encode_texts
-from pipelines.models.text_cache import TextFeatureCache
+from pipelines.models.text_cache import TextFeatureCache, checkpoint_tower_hash
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _build_stage(
     text_cache: TextFeatureCache | None = None, progress: Callable[[str], None] | None = None,
 ) -> Stage:
     _check_channels(ckpt.preprocessing, name)
-    net = build_network(ckpt).to(device)
+    net = build_network(ckpt, share_weights=True).to(device)  # inference only: no copy of the weights
     if channels_last:
         net.image_encoder.to(memory_format=torch.channels_last_3d)
     context = net.context_length
@@ -194,7 +194,10 @@ def _build_stage(
     if text_cache is None:
         emb = encode_texts(net.text_encoder, tokens, post=net.text_fc)
     else:  # same bytes as encode_texts on this device type, verified on load (.text_cache)
-        emb = text_cache.features(net.text_encoder, tokens, post=net.text_fc,
+        # The checkpoint's content hash (computed once when it was read) names the tower's
+        # weights; without one (an in-memory checkpoint) the tower's tensors are hashed.
+        tower_hash = checkpoint_tower_hash(ckpt.content_sha256) if ckpt.content_sha256 else None
+        emb = text_cache.features(net.text_encoder, tokens, post=net.text_fc, tower_hash=tower_hash,
                                   what=f"{len(words)} {name} descriptions", progress=progress)
     return Stage(
         name=name,

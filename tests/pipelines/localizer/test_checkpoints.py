@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -162,3 +163,39 @@ def test_full_size_published_layout(crop: tuple[int, int, int], total: int, imag
         model = HclalClipNet("ClipText_ResidualNet", 3, crop, cfg)
     assert sum(p.numel() for p in model.parameters()) == total
     load_strict(model, sd)  # meta tensors: shape/name check without 430 MB of memory
+
+
+def test_network_built_without_random_init_matches_a_conventional_build(model_dir: Path) -> None:
+    """build_network builds on ``meta`` and assigns the checkpoint's tensors: same values, nothing left unset."""
+    ckpt = load_checkpoint(model_dir / "fine")
+    net = build_network(ckpt)
+    assert not any(t.is_meta for t in (*net.parameters(), *net.buffers()))
+    # the causal mask is not in the state dict: rebuilt as open_clip builds it
+    conventional = HclalClipNet(ckpt.net, 3, ckpt.preprocessing.crop_size,
+                                TextTowerConfig.from_state_dict(
+                                    {k.removeprefix("text_encoder."): v for k, v in ckpt.state_dict.items()
+                                     if k.startswith("text_encoder.")}),
+                                num_features=int(ckpt.state_dict["image_encoder.fc.weight"].shape[0]))  # fmt: skip
+    load_strict(conventional, ckpt.state_dict)
+    assert torch.equal(net.text_encoder.attn_mask, conventional.text_encoder.attn_mask)
+    for (name, a), (_, b) in zip(net.state_dict().items(), conventional.eval().state_dict().items()):
+        assert a.dtype == b.dtype and a.is_contiguous() and torch.equal(a, b), name
+    tokens = torch.randint(1, 400, (2, net.context_length))
+    with torch.inference_mode():
+        assert torch.equal(net.text_encoder(tokens), conventional.text_encoder(tokens))
+    # by default the network owns its weights (training it leaves the checkpoint as read) ...
+    key = "image_encoder.fc.weight"
+    assert net.state_dict()[key].data_ptr() != ckpt.state_dict[key].data_ptr()
+    # ... while share_weights=True (inference) uses the checkpoint's tensors without a copy
+    shared = build_network(ckpt, share_weights=True)
+    assert shared.state_dict()[key].data_ptr() == ckpt.state_dict[key].data_ptr()
+
+
+def test_half_precision_weights_load_as_float32(model_dir: Path) -> None:
+    """Assigning tensors must not change the network's dtype (copy_ used to cast)."""
+    ckpt = load_checkpoint(model_dir / "fine")
+    half = dataclasses.replace(ckpt, state_dict={k: v.half() if v.is_floating_point() else v
+                                                 for k, v in ckpt.state_dict.items()})  # fmt: skip
+    net = build_network(half)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert torch.equal(net.state_dict()["logit_scale"], ckpt.state_dict["logit_scale"].half().float())

@@ -135,3 +135,53 @@ def test_state_dict_hash_sees_names_dtypes_shapes_and_values() -> None:
     changed[1, 2] += 1
     assert state_dict_sha256({**sd, "a": changed}) != base
     assert state_dict_sha256({**sd, "a": sd["a"].t().contiguous().t()}) == base  # layout is not content
+
+
+def _count_text_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from open_clip.transformer import TextTransformer
+
+    calls: list[int] = []
+    original = TextTransformer.forward
+
+    def counting(self: TextTransformer, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextTransformer, "forward", counting)
+    return calls
+
+
+def test_warm_localizer_start_does_not_run_the_text_encoder(
+    model_dir: Path, vocab_paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_text_forwards(monkeypatch)
+    Localizer.load(model_dir / "coarse", model_dir / "fine", *vocab_paths, text_cache=TextFeatureCache(tmp_path))
+    assert calls  # cold: both towers encode their texts
+    calls.clear()
+    cache = TextFeatureCache(tmp_path)
+    Localizer.load(model_dir / "coarse", model_dir / "fine", *vocab_paths, text_cache=cache)
+    assert cache.last is not None and cache.last.hit
+    assert calls == []
+
+
+def test_changed_text_tower_weights_in_a_checkpoint_rebuild_the_cache(
+    model_dir: Path, vocab_paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm key comes from the checkpoint's content hash; one changed tower tensor must miss."""
+    cache_dir = tmp_path / "cache"
+    Localizer.load(model_dir / "coarse", model_dir / "fine", *vocab_paths, text_cache=TextFeatureCache(cache_dir))
+    state = torch.load(model_dir / "fine" / "params.pth", map_location="cpu", weights_only=True)
+    name = next(k for k in state["state_dict"] if k.endswith("text_encoder.token_embedding.weight"))
+    state["state_dict"][name] = state["state_dict"][name].clone()
+    state["state_dict"][name][5, 0] += 0.25
+    tuned = tmp_path / "tuned" / "params.pth"
+    tuned.parent.mkdir()
+    torch.save(state, tuned)
+    calls = _count_text_forwards(monkeypatch)
+    cache = TextFeatureCache(cache_dir)
+    loc = Localizer.load(model_dir / "coarse", tuned, *vocab_paths, text_cache=cache)
+    assert cache.last is not None and not cache.last.hit and cache.last.reason == "absent"
+    assert calls  # the fine texts were encoded again with the changed tower
+    fresh = Localizer.load(model_dir / "coarse", tuned, *vocab_paths)
+    assert torch.equal(loc.fine.text_emb, fresh.fine.text_emb)
+    assert len(list(cache_dir.glob("*.npz"))) == 3
