@@ -140,7 +140,7 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         t = state_dict[name].detach().to("cpu").contiguous()
         dtype = str(t.dtype).removeprefix("torch.")
         h.update(f"{name}\0{dtype}\0{','.join(str(n) for n in t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself: no copy of the bytes
     return h.hexdigest()
 
 
