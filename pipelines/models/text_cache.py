@@ -14,7 +14,8 @@ Safety and exactness:
   a ``.json`` key.
 * The key holds the canonical hash of the tower's weights content
   (:func:`~pipelines.models.checkpoints.state_dict_sha256`, the optional extra projection
-  included), the hash of the exact token ids, the device type and torch version that
+  included; for a tower loaded strictly from a checkpoint, the checkpoint's weights-content
+  hash instead, see :func:`checkpoint_tower_hash`), the hash of the exact token ids, the device type and torch version that
   computed the features (so cached values are the bytes a fresh encoding on this kind of
   device gives) and the hash of the stored features.  All are verified on load; an entry
   that does not match (stale, truncated, edited) is rebuilt.
