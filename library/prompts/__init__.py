@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 PROTOCOLS = ("paired-negative-softmax",)
@@ -51,16 +52,22 @@ def available() -> list[str]:
     return sorted(p.stem for p in _HERE.glob("*.json"))
 
 
-def load_prompt_set(name_or_path: str | Path = "ct_rate_hlip_v1") -> PromptSet:
-    """Load a shipped set by name, or any prompt-set JSON file by path."""
+def read_prompt_file(name_or_path: str | Path) -> tuple[Path, bytes, Any]:
+    """(path, bytes, parsed JSON) of a shipped prompt set named without suffix, or of a JSON
+    file by path; one reader for every family's loader, so each hashes the bytes it parsed."""
     path = Path(name_or_path)
     if not path.suffix:
         path = _HERE / f"{name_or_path}.json"
     try:
         raw = path.read_bytes()
-        data = json.loads(raw)
+        return path, raw, json.loads(raw)
     except (OSError, json.JSONDecodeError) as exc:
         raise PromptSetError(f"cannot read prompt set {path}: {exc}") from exc
+
+
+def load_prompt_set(name_or_path: str | Path = "ct_rate_hlip_v1") -> PromptSet:
+    """Load a shipped set by name, or any prompt-set JSON file by path."""
+    path, raw, data = read_prompt_file(name_or_path)
     try:
         protocol = str(data["protocol"])
         if protocol not in PROTOCOLS:

@@ -13,14 +13,12 @@ loader fails with a protocol error instead of being scored with the wrong rule.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.prompts import PromptSetError
+from library.prompts import PromptSetError, read_prompt_file
 
-_HERE = Path(__file__).resolve().parent
 PROTOCOL = "afloc-paired-negation-cosine"
 DEFAULT_SET = "afloc_cxr_v1"
 
@@ -61,14 +59,7 @@ def _words(text: str) -> int:
 
 def load_afloc_prompt_set(name_or_path: str | Path = DEFAULT_SET) -> AflocPromptSet:
     """Load a shipped set by name (``afloc_*``) or any such JSON file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = _HERE / f"{name_or_path}.json"
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PromptSetError(f"cannot read prompt set {path}: {exc}") from exc
+    path, raw, data = read_prompt_file(name_or_path)
     try:
         protocol = str(data["protocol"])
         if protocol != PROTOCOL:

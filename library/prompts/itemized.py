@@ -16,13 +16,11 @@ being scored with the wrong rule.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.prompts import PromptSetError
+from library.prompts import PromptSetError, read_prompt_file
 
-_HERE = Path(__file__).resolve().parent
 #: The only protocol this loader accepts: raw cosine of one positive prompt per finding.
 PROTOCOL = "positive-only-cosine"
 DEFAULT_SET = "ct_rate_itemizedclip_v1"
@@ -62,14 +60,7 @@ class ItemPromptSet:
 
 def load_item_prompt_set(name_or_path: str | Path = DEFAULT_SET) -> ItemPromptSet:
     """Load a shipped positive-only set by name, or any such JSON file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = _HERE / f"{name_or_path}.json"
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PromptSetError(f"cannot read prompt set {path}: {exc}") from exc
+    path, raw, data = read_prompt_file(name_or_path)
     try:
         protocol = str(data["protocol"])
         if protocol != PROTOCOL:
