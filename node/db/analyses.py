@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from node.db import embedding_packs
 from node.db._common import (
@@ -231,7 +232,7 @@ def reclaim_expired_leases(session: Session, now: datetime, *, max_attempts: int
     check_now(now)
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
-    expired = or_(Analysis.lease_expires_at < now, Analysis.lease_expires_at.is_(None))
+    expired = _lease_expired(now)
     rows = session.execute(
         select(Analysis.id, Analysis.study_version_id, Analysis.lease_owner, Analysis.lease_expires_at)
         .join(StudyVersion, StudyVersion.id == Analysis.study_version_id)
@@ -540,6 +541,16 @@ def requeue_failed(session: Session, study_version_id: int, now: datetime) -> bo
     return True
 
 
+def _lease_expired(now: datetime) -> ColumnElement[bool]:
+    """The analysis's lease has run out, or it never had one (rows from before leases)."""
+    return or_(Analysis.lease_expires_at < now, Analysis.lease_expires_at.is_(None))
+
+
+def _no_live_lease(now: datetime) -> ColumnElement[bool]:
+    """No worker is working on the analysis: it is not running, or its lease expired."""
+    return or_(Analysis.status != AnalysisStatus.RUNNING.value, _lease_expired(now))
+
+
 def stranded_versions(session: Session, now: datetime) -> list[int]:
     """Versions ``analysing`` that no worker will finish: the analysis is ``running`` with
     an expired (or no) lease, or there is no analysis row at all.  The sweeper reclaims the
@@ -555,11 +566,7 @@ def stranded_versions(session: Session, now: datetime) -> list[int]:
         .join(Analysis, Analysis.study_version_id == StudyVersion.id)
         .where(
             StudyVersion.state == VersionState.ANALYSING.value,
-            or_(
-                Analysis.status != AnalysisStatus.RUNNING.value,
-                Analysis.lease_expires_at < now,
-                Analysis.lease_expires_at.is_(None),
-            ),
+            _no_live_lease(now),
         )
     )
     return sorted({*session.scalars(no_row), *session.scalars(expired)})
@@ -580,11 +587,7 @@ def requeue_stranded(session: Session, study_version_id: int, now: datetime) -> 
             update(Analysis)
             .where(
                 Analysis.id == analysis.id,
-                or_(
-                    Analysis.status != AnalysisStatus.RUNNING.value,
-                    Analysis.lease_expires_at < now,
-                    Analysis.lease_expires_at.is_(None),
-                ),
+                _no_live_lease(now),
             )
             .values(lease_owner=None, lease_expires_at=None, attempts=0)
         )
